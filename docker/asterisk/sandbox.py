@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""Real-PBX sandbox: two Asterisk 22 instances ("pbx" and "world") in a Debian chroot.
+
+pbx is the system under test, configured from the repository's dialplan/ plus the
+sandbox site files in pbx-site/. world plays the carrier, outside callers, the agents'
+phones and the duty mobile (world/). Both run on loopback addresses of this machine.
+
+Commands (run as root):
+  build                 build (or reuse) the cached Debian unstable root filesystem
+  start --state DIR     render both instances' configuration, start them, wait for boot
+  stop --state DIR      stop both instances
+  env --state DIR       print the sandbox settings (ports, AMI users, secrets) as JSON
+  cli --state DIR NAME COMMAND   run an Asterisk CLI command on one instance
+
+Standard library only: it runs before any virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+SUITE = "sid"
+PACKAGES = ("asterisk", "asterisk-modules", "asterisk-config")
+CACHE_ROOT = Path(os.environ.get("PBX_SANDBOX_CACHE", "/var/cache/pbx-bridge"))
+INSTANCE_ROOT = "/srv/pbx-bridge-sandbox"  # inside the chroot
+INSTANCES = ("pbx", "world")
+
+DEFAULTS: dict[str, object] = {
+    "pbx_ip": "127.0.10.1",
+    "world_carrier_ip": "127.0.10.2",
+    "world_phones_ip": "127.0.10.3",
+    "sip_port": 5060,
+    "pbx_ami_port": 15038,
+    "world_ami_port": 15039,
+    "pbx_ami_user": "pbx-bridge",
+    "hotline_numbers": ["4008001234", "4008005678"],
+    "other_number": "02584001234",
+    "trunk": "carrier",
+    "phones": ["agent101", "agent102", "reception"],
+    "pbx_rtp": [30000, 30999],
+    "world_rtp": [31000, 31999],
+}
+
+
+def fail(message: str) -> None:
+    """Print one clear error and exit non-zero."""
+    print(f"sandbox: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def say(message: str) -> None:
+    print(f"sandbox: {message}", flush=True)
+
+
+def rootfs_path() -> Path:
+    """The cached root filesystem, keyed by suite and package list."""
+    key = hashlib.sha256(f"{SUITE}|{','.join(sorted(PACKAGES))}|v1".encode()).hexdigest()[:12]
+    return CACHE_ROOT / f"rootfs-{key}"
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        fail("the sandbox needs root (debootstrap and chroot); run it as root or with sudo")
+
+
+def ensure_debootstrap() -> None:
+    if shutil.which("debootstrap"):
+        return
+    if not shutil.which("apt-get"):
+        fail("debootstrap is missing and apt-get is not available to install it")
+    say("installing debootstrap with apt-get")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"], check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def build() -> Path:
+    """Build the root filesystem once; later calls reuse the cached copy."""
+    require_root()
+    root = rootfs_path()
+    marker = root / ".pbx-bridge-complete"
+    if marker.exists():
+        say(f"reusing cached root filesystem {root}")
+        return root
+    ensure_debootstrap()
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    partial = root.with_name(root.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    say(f"building Debian {SUITE} with {', '.join(PACKAGES)} in {root} (about a minute)")
+    started = time.monotonic()
+    cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(partial)]
+    log = CACHE_ROOT / "debootstrap.log"
+    with log.open("w") as out:
+        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        fail(f"debootstrap failed (exit {result.returncode}); see {log}")
+    (partial / ".pbx-bridge-complete").write_text(" ".join(cmd) + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    partial.rename(root)
+    version = subprocess.run(["chroot", str(root), "asterisk", "-V"], capture_output=True, text=True)
+    say(f"built in {time.monotonic() - started:.0f} s: {version.stdout.strip()}")
+    return root
+
+
+def load_settings(state: Path) -> dict[str, object]:
+    """Sandbox settings for this state directory; secrets are generated once and kept there."""
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / "sandbox.json"
+    settings: dict[str, object] = dict(DEFAULTS)
+    if path.exists():
+        settings.update(json.loads(path.read_text()))
+    for key in ("pbx_ami_secret", "pbx_admin_secret", "world_admin_secret"):
+        settings.setdefault(key, secrets.token_hex(16))
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+    path.chmod(0o600)
+    return settings
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace(f"@{key}@", value)
+    left = re.findall(r"@[A-Z_]+@", template)
+    if left:
+        fail(f"template placeholder(s) without a value: {', '.join(sorted(set(left)))}")
+    return template
+
+
+def substitutions(name: str, s: dict[str, object], pg: dict[str, str]) -> dict[str, str]:
+    port = int(str(s["sip_port"]))
+    rtp = s["pbx_rtp"] if name == "pbx" else s["world_rtp"]
+    assert isinstance(rtp, list)
+    numbers = s["hotline_numbers"]
+    assert isinstance(numbers, list)
+    return {
+        "NAME": name,
+        "DIR": f"{INSTANCE_ROOT}/{name}",
+        "RTP_START": str(rtp[0]),
+        "RTP_END": str(rtp[1]),
+        "PBX_IP": str(s["pbx_ip"]),
+        "PBX_SIP": f"{s['pbx_ip']}:{port}",
+        "WORLD_CARRIER_IP": str(s["world_carrier_ip"]),
+        "WORLD_CARRIER_SIP": f"{s['world_carrier_ip']}:{port}",
+        "WORLD_PHONES_SIP": f"{s['world_phones_ip']}:{port}",
+        "PBX_AMI_PORT": str(s["pbx_ami_port"]),
+        "WORLD_AMI_PORT": str(s["world_ami_port"]),
+        "PBX_AMI_USER": str(s["pbx_ami_user"]),
+        "PBX_AMI_SECRET": str(s["pbx_ami_secret"]),
+        "PBX_ADMIN_SECRET": str(s["pbx_admin_secret"]),
+        "WORLD_ADMIN_SECRET": str(s["world_admin_secret"]),
+        "HOTLINE_DID_LINES": "\n".join(f"exten => {n},1,Goto(hotline,${{EXTEN}},1)" for n in numbers),
+        "PG_HOST": pg["host"],
+        "PG_PORT": pg["port"],
+        "PG_DB": pg["db"],
+        "PG_USER": pg["user"],
+        "PG_PASSWORD": pg["password"],
+    }
+
+
+def install_config(root: Path, name: str, values: dict[str, str]) -> Path:
+    """Write one instance's configuration directory inside the chroot."""
+    base = root / INSTANCE_ROOT.lstrip("/") / name
+    etc = base / "etc"
+    shutil.rmtree(etc, ignore_errors=True)
+    for sub in ("etc", "db", "log", "run", "spool", "cache"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    sources = [HERE / "common"]
+    sources += [REPO / "dialplan", HERE / "pbx-site"] if name == "pbx" else [HERE / "world"]
+    for source in sources:
+        for path in sorted(source.iterdir()):
+            if path.suffix == ".md" or not path.is_file():
+                continue
+            target = etc / path.name.removesuffix(".in")
+            text = path.read_text()
+            if path.name.endswith(".in"):
+                text = render(text, values)
+            target.write_text(text)
+            target.chmod(0o600)
+    return base
+
+
+def pidfile(state: Path, name: str) -> Path:
+    return state / f"{name}.pid"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def cli(root: Path, name: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    conf = f"{INSTANCE_ROOT}/{name}/etc/asterisk.conf"
+    return subprocess.run(["chroot", str(root), "asterisk", "-C", conf, "-rx", command],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stop_instance(root: Path, state: Path, name: str) -> None:
+    path = pidfile(state, name)
+    if not path.exists():
+        return
+    pid = int(path.read_text().strip() or 0)
+    if pid and alive(pid):
+        try:
+            cli(root, name, "core stop now", timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not alive(pid):
+                break
+            os.kill(pid, sig)
+            time.sleep(1)
+        say(f"stopped {name} (pid {pid})")
+    path.unlink(missing_ok=True)
+
+
+def start(state: Path, pg: dict[str, str]) -> None:
+    """Stop anything this state directory started, render configuration, start, wait."""
+    root = build()
+    settings = load_settings(state)
+    for name in INSTANCES:
+        stop_instance(root, state, name)
+    for name in INSTANCES:
+        base = install_config(root, name, substitutions(name, settings, pg))
+        log = (state / f"{name}.console.log").open("ab")
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PGCLIENTENCODING": "UTF8", "TZ": "UTC"}
+        process = subprocess.Popen(
+            ["chroot", str(root), "asterisk", "-C", f"{INSTANCE_ROOT}/{name}/etc/asterisk.conf", "-f", "-n"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        pidfile(state, name).write_text(f"{process.pid}\n")
+        say(f"started {name} (pid {process.pid}); logs: {state}/{name}.console.log, {base}/log/")
+    for name in INSTANCES:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                result = cli(root, name, "core waitfullybooted", timeout=30)
+                if result.returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() > deadline:
+                fail(f"{name} did not finish booting within 60 s; see {state}/{name}.console.log")
+            time.sleep(0.2)
+    say(f"pbx AMI 127.0.0.1:{settings['pbx_ami_port']}, world AMI 127.0.0.1:{settings['world_ami_port']}; ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("build")
+    for command in ("start", "stop", "env", "cli"):
+        p = sub.add_parser(command)
+        p.add_argument("--state", type=Path, required=True, help="state directory (pid files, secrets, logs)")
+        if command == "start":
+            p.add_argument("--pg-host", default="127.0.0.1")
+            p.add_argument("--pg-port", default="5432")
+            p.add_argument("--pg-db", default="pbx_bridge")
+            p.add_argument("--pg-user", default="postgres")
+            p.add_argument("--pg-password", default="")
+        if command == "cli":
+            p.add_argument("instance", choices=INSTANCES)
+            p.add_argument("cli_command")
+    args = parser.parse_args()
+    if args.command == "build":
+        build()
+    elif args.command == "start":
+        pg = {"host": args.pg_host, "port": args.pg_port, "db": args.pg_db,
+              "user": args.pg_user, "password": args.pg_password}
+        start(args.state.resolve(), pg)
+    elif args.command == "stop":
+        require_root()
+        for name in INSTANCES:
+            stop_instance(rootfs_path(), args.state.resolve(), name)
+    elif args.command == "env":
+        settings = load_settings(args.state.resolve())
+        settings["rootfs"] = str(rootfs_path())
+        print(json.dumps(settings, indent=2))
+    elif args.command == "cli":
+        result = cli(rootfs_path(), args.instance, args.cli_command)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        raise SystemExit(result.returncode)
+
+
+if __name__ == "__main__":
+    main()

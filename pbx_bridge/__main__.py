@@ -1,0 +1,5 @@
+"""Allows `python -m pbx_bridge`."""
+
+from pbx_bridge.cli import main
+
+main()

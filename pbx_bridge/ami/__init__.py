@@ -1,0 +1,1 @@
+"""Asterisk Manager Interface: wire format (pure) and the connection adapter over panoramisk."""

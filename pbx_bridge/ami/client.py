@@ -1,0 +1,212 @@
+"""The AMI connection: panoramisk's protocol with its defects neutralised, in one place.
+
+panoramisk 1.4 is used for what it does well: action IDs, futures, and matching
+(multi-message) responses to actions. Its defects are worked around here:
+  * `data_received` decodes every TCP chunk as ASCII with errors ignored (Chinese names
+    vanish, characters split across reads are lost): we frame bytes first, then decode
+    each complete message as UTF-8 (`wire.AmiFramer`).
+  * `send` encodes as ASCII inside a bare `except` that only logs, leaving the action's
+    future unresolved forever: we encode UTF-8, refuse header injection, and fail the future.
+  * an exception from an event handler escapes `data_received` and drops the connection:
+    our handler is caught and counted, the connection survives.
+  * coroutine handlers are fire-and-forget (`ensure_future`): events go, in arrival order,
+    to one synchronous callback that the daemon points at its own queue and consumer.
+  * the ping reply is never checked and reconnect is a fixed 2 s timer: `AmiClient` runs
+    the only reconnect loop (bounded exponential backoff with jitter) and treats an
+    unanswered ping as a dead connection.
+panoramisk's `Manager` is therefore not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from panoramisk.actions import Action
+from panoramisk.ami_protocol import AMIProtocol
+from panoramisk.message import Message
+
+from pbx_bridge.ami.wire import AmiFramer, AmiMessage, FramingError, format_action
+
+log = structlog.get_logger("pbx_bridge.ami")
+
+EventHandler = Callable[[AmiMessage], None]
+
+
+class AmiError(Exception):
+    """An AMI action failed or the connection is not usable."""
+
+
+class SafeAmiProtocol(AMIProtocol):  # type: ignore[misc]
+    """panoramisk's AMIProtocol with byte framing, UTF-8, and contained handler failures."""
+
+    def __init__(self, on_event: EventHandler, on_lost: Callable[[Exception | None], None]) -> None:
+        super().__init__()
+        self._on_event = on_event
+        self._on_lost = on_lost
+        self._framer = AmiFramer()
+        self.handler_errors = 0
+        self.decode_errors = 0
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = list(self._framer.feed(data))
+        except FramingError as exc:
+            log.error("ami_framing_error", error=str(exc))
+            self.transport.abort()
+            return
+        for message in messages:
+            if message.decode_errors:
+                self.decode_errors += 1
+                log.warning("ami_message_not_utf8", event=message.event)
+            try:
+                self._route(message)
+            except Exception:  # a bad handler must not kill the connection
+                self.handler_errors += 1
+                log.exception("ami_handler_failed", event=message.event)
+
+    def _route(self, message: AmiMessage) -> None:
+        compat = Message({k: v for k, v in message.headers.items()})
+        action = None
+        if compat.id is not None:
+            action = self.responses.get(compat.id)
+        if action is None and compat.action_id:
+            action = self.responses.get(compat.action_id)
+        if action is not None:
+            if action.add_message(compat):
+                self.responses.pop(action.id, None)
+                if action.action_id:
+                    self.responses.pop(action.action_id, None)
+        elif message.event:
+            self._on_event(message)
+
+    def send(self, data: Any, as_list: bool = False) -> asyncio.Future[Any]:
+        action = data if isinstance(data, Action) else Action(data, as_list=as_list)
+        try:
+            payload = format_action({str(k): v for k, v in action.items()})
+        except ValueError as exc:
+            action.future.set_exception(AmiError(str(exc)))
+            return action.future  # type: ignore[no-any-return]
+        self.responses[action.id] = action
+        self.transport.write(payload)
+        return action.future  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for action in list(self.responses.values()):
+            if not action.future.done():
+                action.future.set_exception(AmiError("AMI connection lost"))
+        self.responses.clear()
+        self.closed = True
+        self._on_lost(exc)
+
+
+class AmiClient:
+    """One AMI session at a time: connect, log in, keep alive, reconnect with backoff.
+
+    Events are handed, in arrival order, to `on_event` (a synchronous callback; the
+    daemon makes it a `put_nowait` into the queue its consumer owns).
+    """
+
+    def __init__(self, *, host: str, port: int, username: str, secret: str, on_event: EventHandler,
+                 connect_timeout: float = 5.0, ping_interval: float = 10.0, ping_timeout: float = 5.0,
+                 reconnect_max: float = 30.0) -> None:
+        self._host = host
+        self._port = port
+        self._username = username
+        self._secret = secret
+        self._on_event = on_event
+        self._connect_timeout = connect_timeout
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._reconnect_max = reconnect_max
+        self._protocol: SafeAmiProtocol | None = None
+        self._stopping = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.sessions = 0
+        self.reconnects = 0
+
+    async def run(self) -> None:
+        """Keep a logged-in session until `stop()`; reconnect after any failure."""
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                backoff = 0.5
+            except (OSError, TimeoutError, AmiError) as exc:
+                log.warning("ami_unavailable", host=self._host, port=self._port,
+                            error=str(exc) or type(exc).__name__, retry_in=round(backoff, 2))
+            self.connected.clear()
+            if self._stopping.is_set():
+                break
+            self.reconnects += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff * random.uniform(0.8, 1.2))  # noqa: S311
+            backoff = min(backoff * 2, self._reconnect_max)
+
+    def stop(self) -> None:
+        """End the session and make `run` return."""
+        self._stopping.set()
+        if self._protocol is not None:
+            self._protocol.transport.close()
+
+    async def send_action(self, fields: Mapping[str, str | list[str]], *, as_list: bool = False,
+                          response_timeout: float = 10.0) -> Any:
+        """Send an action on the current session and wait for its response (or list)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed or not self.connected.is_set():
+            raise AmiError("AMI is not connected")
+        future = protocol.send(Action(dict(fields), as_list=as_list), as_list=as_list)
+        try:
+            return await asyncio.wait_for(future, response_timeout)
+        except TimeoutError:
+            raise AmiError(f"no response to {fields.get('Action')} within {response_timeout} s") from None
+
+    async def _session(self) -> None:
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[Exception | None] = loop.create_future()
+
+        def on_lost(exc: Exception | None) -> None:
+            if not lost.done():
+                lost.set_result(exc)
+
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(lambda: SafeAmiProtocol(self._on_event, on_lost), self._host, self._port),
+            timeout=self._connect_timeout)
+        self._protocol = protocol
+        try:
+            response = await asyncio.wait_for(protocol.send(Action({
+                "Action": "Login", "Username": self._username, "Secret": self._secret, "Events": "on"})),
+                timeout=self._connect_timeout)
+            if response.get("Response") != "Success":
+                raise AmiError(f"AMI login refused: {response.get('Message') or 'no reason given'}")
+            self.sessions += 1
+            self.connected.set()
+            log.info("ami_connected", host=self._host, port=self._port, banner=protocol._framer.banner)
+            await self._keepalive(protocol, lost)
+        finally:
+            self.connected.clear()
+            self._protocol = None
+            protocol.transport.close()
+            if not self._stopping.is_set():
+                log.warning("ami_disconnected")
+
+    async def _keepalive(self, protocol: SafeAmiProtocol, lost: asyncio.Future[Exception | None]) -> None:
+        """Ping every interval; an unanswered ping means the connection is dead."""
+        while not lost.done():
+            done, _ = await asyncio.wait({lost}, timeout=self._ping_interval)
+            if done or self._stopping.is_set():
+                return
+            try:
+                reply = await asyncio.wait_for(protocol.send(Action({"Action": "Ping"})), self._ping_timeout)
+            except (TimeoutError, AmiError):
+                log.warning("ami_ping_unanswered", timeout=self._ping_timeout)
+                protocol.transport.abort()
+                return
+            if reply.get("Response") != "Success":
+                log.warning("ami_ping_failed", response=reply.get("Response"))
+                protocol.transport.abort()
+                return

@@ -1,0 +1,88 @@
+"""The `pbx-bridge` command line: run, migrate, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from datetime import datetime
+
+import asyncpg
+import structlog
+
+from pbx_bridge import __version__
+from pbx_bridge.config import ConfigError, Settings, config_path, load_settings
+from pbx_bridge.logs import configure_logging
+from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help="configuration file (default: $PBX_BRIDGE_CONFIG or /etc/pbx-bridge/pbx-bridge.toml)")
+    parser = argparse.ArgumentParser(prog="pbx-bridge", parents=[common],
+                                     description="400 hotline rules on Asterisk, every call recorded in PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"pbx-bridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    commands.add_parser("migrate", parents=[common], help="apply the SQL migrations (idempotent)")
+    commands.add_parser("check-config", parents=[common], help="validate the configuration and print it")
+    return parser
+
+
+def _check_config(settings: Settings) -> None:
+    now = datetime.now(settings.zone)
+    print("configuration OK")
+    print(f"  time zone       {settings.timezone} (local time now {now:%Y-%m-%d %H:%M %a})")
+    print(f"  AMI             {settings.ami.username}@{settings.ami.host}:{settings.ami.port}")
+    print(f"  hotline numbers {', '.join(settings.hotline.numbers)} on trunk {settings.hotline.trunk}")
+    limit = settings.ring.max_rings * settings.ring.period_seconds
+    print(f"  ring limit      {settings.ring.max_rings} rings x {settings.ring.period_seconds:g} s "
+          f"(answered within {limit:g} s)")
+    print(f"  ops API         {settings.api.listen}")
+    print(f"  spool           {settings.database.spool_path}")
+
+
+async def _migrate(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
+    try:
+        applied = await migrate(conn, sql_dir())
+    finally:
+        await conn.close()
+    print("migrations applied: " + ", ".join(applied) if applied else "database schema is up to date")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `pbx-bridge` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(config_path(args.config))
+    except ConfigError as exc:
+        print(f"pbx-bridge: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    configure_logging(settings.log.level, settings.log.format)
+    log = structlog.get_logger("pbx_bridge")
+    try:
+        if args.command == "check-config":
+            _check_config(settings)
+        elif args.command == "migrate":
+            asyncio.run(_migrate(settings))
+        elif args.command == "run":
+            _run(settings, log)
+    except (MigrationError, OSError, asyncpg.PostgresError) as exc:
+        print(f"pbx-bridge {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None
+
+
+def _run(settings: Settings, log: structlog.typing.FilteringBoundLogger) -> None:
+    from pbx_bridge.daemon import run_daemon
+
+    try:
+        asyncio.run(run_daemon(settings))
+    except* Exception as group:  # a daemon task failed: log every failure, exit non-zero
+        for exc in group.exceptions:
+            log.error("pbx_bridge_failed", error=repr(exc), exc_info=exc)
+        raise SystemExit(EXIT_FAILURE) from None

@@ -1,0 +1,225 @@
+"""Configuration: TOML validated with pydantic, secrets from files or the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_PATH = Path("/etc/pbx-bridge/pbx-bridge.toml")
+CONFIG_ENV = "PBX_BRIDGE_CONFIG"
+# Secrets may come from the environment instead of the file (e.g. a systemd credential).
+SECRET_ENV = {
+    ("ami", "secret"): "PBX_BRIDGE_AMI_SECRET",
+    ("database", "dsn"): "PBX_BRIDGE_DATABASE_DSN",
+    ("api", "token"): "PBX_BRIDGE_API_TOKEN",
+}
+PHONE_NUMBER = re.compile(r"^[0-9]{3,20}$")
+ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _read_secret_file(path: Path, key: str) -> SecretStr:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ValueError(f"{key}: {path} is empty")
+    return SecretStr(value)
+
+
+class AmiSettings(Section):
+    """[ami]: the Asterisk Manager Interface account pbx-bridge logs in with."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=5038, ge=1, le=65535)
+    username: str = Field(min_length=1)
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    ping_interval_seconds: float = Field(default=10.0, gt=0)
+    ping_timeout_seconds: float = Field(default=5.0, gt=0)
+    reconnect_max_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Self:
+        if self.secret is None and self.secret_file is None:
+            raise ValueError("set secret or secret_file (or PBX_BRIDGE_AMI_SECRET)")
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("set only one of secret and secret_file")
+        return self
+
+    def resolved_secret(self) -> SecretStr:
+        """The AMI secret, read from `secret_file` when that is how it is given."""
+        if self.secret is not None:
+            return self.secret
+        assert self.secret_file is not None
+        return _read_secret_file(self.secret_file, "ami.secret_file")
+
+
+class DatabaseSettings(Section):
+    """[database]: where call records go."""
+
+    dsn: SecretStr
+    batch_size: int = Field(default=200, ge=1, le=10_000)
+    flush_interval_seconds: float = Field(default=0.2, gt=0, le=10)
+    queue_limit: int = Field(default=100_000, ge=100)
+    # Records still unwritten at shutdown (database down) are kept here and replayed at start.
+    spool_path: Path = Path("/var/lib/pbx-bridge/spool.jsonl")
+
+    @field_validator("dsn")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("postgres://", "postgresql://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+
+class HotlineSettings(Section):
+    """[hotline]: which calls are hotline calls."""
+
+    numbers: Annotated[list[str], Field(min_length=1)]
+    trunk: str = "carrier"
+
+    @field_validator("numbers")
+    @classmethod
+    def _digits(cls, numbers: list[str]) -> list[str]:
+        for number in numbers:
+            if not PHONE_NUMBER.match(number):
+                raise ValueError(f"{number!r} is not a phone number (3 to 20 digits)")
+        return numbers
+
+    @field_validator("trunk")
+    @classmethod
+    def _endpoint(cls, trunk: str) -> str:
+        if not ENDPOINT_NAME.match(trunk):
+            raise ValueError(f"{trunk!r} is not a PJSIP endpoint name")
+        return trunk
+
+
+class RingSettings(Section):
+    """[ring]: the ring cadence and the limit (China: 1 s on, 4 s off; three rings)."""
+
+    period_seconds: float = Field(default=5.0, gt=0, le=60)
+    max_rings: int = Field(default=3, ge=1, le=50)
+
+
+class ApiSettings(Section):
+    """[api]: the ops HTTP API."""
+
+    listen: str = "127.0.0.1:8400"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8400")
+        return listen
+
+
+class LogSettings(Section):
+    """[log]: log level and format (JSON when not on a terminal, unless set)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(Section):
+    """The whole pbx-bridge configuration."""
+
+    timezone: str = "Asia/Shanghai"
+    ami: AmiSettings
+    database: DatabaseSettings
+    hotline: HotlineSettings
+    ring: RingSettings = RingSettings()
+    api: ApiSettings = ApiSettings()
+    log: LogSettings = LogSettings()
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}") from None
+        return name
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The configured local time zone."""
+        return ZoneInfo(self.timezone)
+
+
+def config_path(cli_value: str | None) -> Path:
+    """--config, else $PBX_BRIDGE_CONFIG, else /etc/pbx-bridge/pbx-bridge.toml."""
+    if cli_value:
+        return Path(cli_value)
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_PATH)
+
+
+def _apply_secret_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    for (section, key), var in SECRET_ENV.items():
+        value = environ.get(var)
+        if value:
+            table = raw.setdefault(section, {})
+            if isinstance(table, dict):
+                table[key] = value
+                if section == "ami":
+                    table.pop("secret_file", None)
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{key}: {message}")
+    return "; ".join(problems)
+
+
+def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings:
+    """Read and validate the configuration file; raise ConfigError naming the bad key."""
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    _apply_secret_env(raw, environ)
+    try:
+        settings = Settings.model_validate(raw)
+        settings.ami.resolved_secret()
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return settings

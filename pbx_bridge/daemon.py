@@ -1,0 +1,104 @@
+"""The pbx-bridge daemon: AMI events -> pure tracker -> batched writer, as owned tasks.
+
+Every task belongs to one TaskGroup: if any fails, the others are cancelled and the
+failure is raised, never lost. SIGTERM/SIGINT start a bounded graceful shutdown: stop
+reading AMI, let the tracker finish the queued events, flush (or spool) the records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Final
+
+import asyncpg
+import structlog
+
+from pbx_bridge.ami.client import AmiClient
+from pbx_bridge.ami.wire import AmiMessage
+from pbx_bridge.config import Settings
+from pbx_bridge.storage.writer import CallWriter
+from pbx_bridge.tracker import CallEnded, CallStarted, Decision, TrackerSettings, TrackerState, apply
+
+log = structlog.get_logger("pbx_bridge.daemon")
+
+_STOP: Final = None
+
+
+def tracker_settings(settings: Settings) -> TrackerSettings:
+    """The tracker's view of the configuration."""
+    return TrackerSettings(
+        hotline_numbers=frozenset(settings.hotline.numbers),
+        trunk=settings.hotline.trunk,
+        ring_period_seconds=settings.ring.period_seconds,
+        max_rings=settings.ring.max_rings,
+    )
+
+
+def _log_decision(decision: Decision) -> None:
+    record = decision.record
+    if isinstance(decision, CallStarted):
+        log.info("call_started", linkedid=record.linkedid, did=record.did, caller=record.caller_number)
+    elif isinstance(decision, CallEnded):
+        log.info("call_ended", linkedid=record.linkedid, disposition=str(record.disposition),
+                 ring_seconds=record.ring_seconds, rings=record.rings,
+                 within_ring_limit=record.within_ring_limit, answered_by=record.answered_by,
+                 talk_seconds=record.talk_seconds)
+
+
+async def consume(queue: asyncio.Queue[AmiMessage | None], settings: TrackerSettings,
+                  writer: CallWriter) -> None:
+    """The one consumer of AMI events: apply each to the tracker, hand decisions to the writer."""
+    state = TrackerState()
+    while True:
+        event = await queue.get()
+        if event is _STOP:
+            if state.calls:
+                log.warning("calls_in_progress_at_shutdown", count=len(state.calls))
+            return
+        state, decisions = apply(state, event, settings)
+        for decision in decisions:
+            _log_decision(decision)
+            writer.submit(decision)
+
+
+async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT), then shut down within bounded time."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    dsn = settings.database.dsn.get_secret_value()
+    writer = CallWriter(
+        lambda: asyncpg.connect(dsn),
+        batch_size=settings.database.batch_size,
+        flush_interval=settings.database.flush_interval_seconds,
+        queue_limit=settings.database.queue_limit,
+        spool_path=settings.database.spool_path,
+    )
+    writer.replay_spool()
+    queue: asyncio.Queue[AmiMessage | None] = asyncio.Queue()
+    ami = AmiClient(
+        host=settings.ami.host, port=settings.ami.port, username=settings.ami.username,
+        secret=settings.ami.resolved_secret().get_secret_value(), on_event=queue.put_nowait,
+        connect_timeout=settings.ami.connect_timeout_seconds,
+        ping_interval=settings.ami.ping_interval_seconds, ping_timeout=settings.ami.ping_timeout_seconds,
+        reconnect_max=settings.ami.reconnect_max_seconds,
+    )
+    log.info("pbx_bridge_starting", ami=f"{settings.ami.host}:{settings.ami.port}",
+             hotline=settings.hotline.numbers, trunk=settings.hotline.trunk)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(ami.run(), name="ami")
+            tasks.create_task(consume(queue, tracker_settings(settings), writer), name="tracker")
+            tasks.create_task(writer.run(), name="writer")
+            await stop.wait()
+            log.info("pbx_bridge_stopping")
+            ami.stop()
+            queue.put_nowait(_STOP)
+            writer.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("pbx_bridge_stopped", written=writer.written)

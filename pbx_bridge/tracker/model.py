@@ -1,0 +1,79 @@
+"""Value types the tracker produces: call records, legs, and the decisions that carry them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+
+class Disposition(StrEnum):
+    """How a call ended (the `calls.disposition` column)."""
+
+    ANSWERED = "answered"
+    ABANDONED = "abandoned"  # the caller hung up before anyone answered
+    MISSED = "missed"  # nobody answered and the PBX ended the call
+    FORWARDED = "forwarded"
+    FORWARD_MISSED = "forward_missed"
+    VOICEMAIL = "voicemail"
+
+
+@dataclass(frozen=True, slots=True)
+class CallLeg:
+    """One outbound channel of a call (an agent phone), as stored in `call_legs`."""
+
+    linkedid: str
+    uniqueid: str
+    channel: str
+    endpoint: str
+    dial_started_at: datetime | None
+    ring_started_at: datetime | None
+    answered_at: datetime | None
+    ended_at: datetime | None
+    dial_status: str | None
+    hangup_cause: int | None
+    hangup_cause_text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One hotline call, as stored in `calls` (one row per linkedid)."""
+
+    linkedid: str
+    did: str
+    trunk: str
+    caller_number: str
+    caller_name: str
+    started_at: datetime
+    ring_started_at: datetime | None
+    answered_at: datetime | None
+    ended_at: datetime | None
+    ring_seconds: float | None
+    rings: int | None
+    within_ring_limit: bool | None
+    answered_by: str | None
+    disposition: Disposition | None
+    talk_seconds: float | None
+    hangup_cause: int | None
+    hangup_cause_text: str | None
+    is_probe: bool = False
+    after_hours: bool | None = None
+    source: str = "ami"
+
+
+@dataclass(frozen=True, slots=True)
+class CallStarted:
+    """A hotline call arrived: its record so far (written at once, so a crash loses nothing)."""
+
+    record: CallRecord
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    """Every channel of the call has hung up: the final record and its legs."""
+
+    record: CallRecord
+    legs: tuple[CallLeg, ...]
+
+
+Decision = CallStarted | CallEnded

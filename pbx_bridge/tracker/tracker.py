@@ -1,0 +1,288 @@
+"""The call tracker: `apply(state, event) -> (state, decisions)`.
+
+Pure: no awaits, no clock reads (time is the event's `Timestamp`), no I/O. A call is every
+channel sharing one Linkedid that began as an inbound channel on the hotline trunk whose
+DID is a hotline number; every other channel is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from pbx_bridge.ami.wire import AmiMessage, unescape_sip_quoted
+from pbx_bridge.tracker.model import CallEnded, CallLeg, CallRecord, CallStarted, Decision, Disposition
+from pbx_bridge.tracker.rings import rings_heard, within_ring_limit
+
+CHANNEL_STATE_RING = "4"  # inbound channel offered to Asterisk
+CHANNEL_STATE_RINGING = "5"  # outbound channel ringing at the far end
+RINGING_DIAL_STATUSES = frozenset({"RINGING", "PROGRESS"})
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerSettings:
+    """What the tracker needs from configuration."""
+
+    hotline_numbers: frozenset[str]
+    trunk: str
+    ring_period_seconds: float = 5.0
+    max_rings: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class LegState:
+    """What is known so far about one outbound channel of a call."""
+
+    uniqueid: str
+    channel: str
+    endpoint: str
+    created_at: datetime
+    dial_started_at: datetime | None = None
+    ring_started_at: datetime | None = None
+    answered_at: datetime | None = None
+    ended_at: datetime | None = None
+    dial_status: str | None = None
+    hangup_cause: int | None = None
+    hangup_cause_text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallState:
+    """What is known so far about one call in progress."""
+
+    linkedid: str
+    inbound_uniqueid: str
+    did: str
+    trunk: str
+    caller_number: str
+    caller_name: str
+    started_at: datetime
+    legs: Mapping[str, LegState] = field(default_factory=dict)
+    live_channels: frozenset[str] = frozenset()
+    answered_leg: str | None = None
+    caller_hung_up_at: datetime | None = None
+    inbound_ended_at: datetime | None = None
+    hangup_cause: int | None = None
+    hangup_cause_text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerState:
+    """All calls in progress, by Linkedid. Never mutated: `apply` returns a new one."""
+
+    calls: Mapping[str, CallState] = field(default_factory=dict)
+
+
+def endpoint_of(channel: str) -> str:
+    """`PJSIP/agent101-0000002a` -> `agent101` (technology and sequence suffix removed)."""
+    _, _, rest = channel.partition("/")
+    name, dash, suffix = rest.rpartition("-")
+    return name if dash and suffix else rest
+
+
+def _cause(event: AmiMessage) -> tuple[int | None, str | None]:
+    raw = event.get("Cause")
+    cause = int(raw) if raw.isdigit() else None
+    return cause, event.get("Cause-txt") or None
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round(max((end - start).total_seconds(), 0.0), 3)
+
+
+def apply(
+    state: TrackerState, event: AmiMessage, settings: TrackerSettings
+) -> tuple[TrackerState, list[Decision]]:
+    """Advance the tracker by one AMI event; return the new state and what must be done."""
+    when = event.timestamp
+    linkedid = event.get("Linkedid")
+    if when is None or not linkedid:
+        return state, []
+    call = state.calls.get(linkedid)
+    if call is None:
+        started = _maybe_start_call(event, when, settings)
+        if started is None:
+            return state, []
+        new_state = replace(state, calls={**state.calls, linkedid: started})
+        return new_state, [CallStarted(_record(started, settings))]
+
+    updated = _advance(call, event, when)
+    if updated is call:
+        return state, []
+    if updated.inbound_ended_at is not None and not updated.live_channels:
+        calls = {k: v for k, v in state.calls.items() if k != linkedid}
+        legs = tuple(_leg_row(updated.linkedid, leg) for leg in updated.legs.values())
+        return replace(state, calls=calls), [CallEnded(_record(updated, settings), legs)]
+    return replace(state, calls={**state.calls, linkedid: updated}), []
+
+
+def _maybe_start_call(event: AmiMessage, when: datetime, settings: TrackerSettings) -> CallState | None:
+    """A call starts with the Newchannel of an inbound trunk channel dialled at a hotline DID."""
+    if event.event != "Newchannel":
+        return None
+    uniqueid = event.get("Uniqueid")
+    channel = event.get("Channel")
+    if (
+        uniqueid != event.get("Linkedid")
+        or event.get("ChannelState") != CHANNEL_STATE_RING
+        or not channel.startswith("PJSIP/")
+        or endpoint_of(channel) != settings.trunk
+        or event.get("Exten") not in settings.hotline_numbers
+    ):
+        return None
+    return CallState(
+        linkedid=uniqueid,
+        inbound_uniqueid=uniqueid,
+        did=event.get("Exten"),
+        trunk=settings.trunk,
+        caller_number=event.get("CallerIDNum"),
+        caller_name=_caller_name(event.get("CallerIDName")),
+        started_at=when,
+        live_channels=frozenset({uniqueid}),
+    )
+
+
+def _caller_name(raw: str) -> str:
+    """The caller's name as the carrier sent it; Asterisk's `<unknown>` means none."""
+    if raw == "<unknown>":
+        return ""
+    return unescape_sip_quoted(raw)
+
+
+def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
+    name = event.event
+    uniqueid = event.get("Uniqueid")
+    inbound = uniqueid == call.inbound_uniqueid
+
+    if name == "Newchannel":
+        live = call.live_channels | {uniqueid}
+        channel = event.get("Channel")
+        if inbound or channel.startswith("Local/"):
+            return replace(call, live_channels=live)
+        leg = LegState(uniqueid=uniqueid, channel=channel, endpoint=endpoint_of(channel), created_at=when)
+        return replace(call, live_channels=live, legs={**call.legs, uniqueid: leg})
+
+    if name == "NewCallerid" and inbound:
+        return replace(call, caller_number=event.get("CallerIDNum"),
+                       caller_name=_caller_name(event.get("CallerIDName")))
+
+    if name == "DialBegin":
+        return _update_leg(call, event.get("DestUniqueid"),
+                           lambda leg: leg if leg.dial_started_at else replace(leg, dial_started_at=when))
+
+    if name == "DialState" and event.get("DialStatus") in RINGING_DIAL_STATUSES:
+        return _update_leg(call, event.get("DestUniqueid"), lambda leg: _ringing(leg, when))
+
+    if name == "Newstate" and event.get("ChannelState") == CHANNEL_STATE_RINGING and not inbound:
+        return _update_leg(call, uniqueid, lambda leg: _ringing(leg, when))
+
+    if name == "DialEnd":
+        dest = event.get("DestUniqueid")
+        status = event.get("DialStatus")
+        updated = _update_leg(call, dest, lambda leg: replace(
+            leg, dial_status=status, answered_at=when if status == "ANSWER" else leg.answered_at))
+        if status == "ANSWER" and dest in call.legs and call.answered_leg is None:
+            updated = replace(updated, answered_leg=dest)
+        return updated
+
+    if name == "HangupRequest" and inbound and call.caller_hung_up_at is None:
+        # A remote hangup queued on the caller's channel: the caller put the phone down.
+        return replace(call, caller_hung_up_at=when)
+
+    if name == "Hangup":
+        cause, text = _cause(event)
+        live = call.live_channels - {uniqueid}
+        if inbound:
+            return replace(call, live_channels=live, inbound_ended_at=when, hangup_cause=cause,
+                           hangup_cause_text=text)
+        updated = _update_leg(call, uniqueid, lambda leg: replace(
+            leg, ended_at=when, hangup_cause=cause, hangup_cause_text=text))
+        return replace(updated, live_channels=live)
+
+    return call
+
+
+def _ringing(leg: LegState, when: datetime) -> LegState:
+    return leg if leg.ring_started_at else replace(leg, ring_started_at=when)
+
+
+def _update_leg(call: CallState, uniqueid: str, change: Callable[[LegState], LegState]) -> CallState:
+    leg = call.legs.get(uniqueid)
+    if leg is None:
+        return call
+    new_leg = change(leg)
+    if new_leg is leg:
+        return call
+    return replace(call, legs={**call.legs, uniqueid: new_leg})
+
+
+def _ring_started_at(call: CallState) -> datetime | None:
+    """First agent leg ringing; the first DialBegin if no leg ever reported ringing."""
+    ringing = [leg.ring_started_at for leg in call.legs.values() if leg.ring_started_at]
+    if ringing:
+        return min(ringing)
+    dialled = [leg.dial_started_at for leg in call.legs.values() if leg.dial_started_at]
+    return min(dialled) if dialled else None
+
+
+def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
+    """The call's record as far as it is known (final once the call has ended)."""
+    answered = call.legs.get(call.answered_leg) if call.answered_leg else None
+    answered_at = answered.answered_at if answered else None
+    ended_at = call.inbound_ended_at
+    ring_started_at = _ring_started_at(call)
+    ring_seconds = _seconds(ring_started_at, answered_at or ended_at)  # None while still ringing
+    rings = rings_heard(ring_seconds, settings.ring_period_seconds) if ring_seconds is not None else None
+    talk_end = None
+    if answered is not None:
+        ends = [t for t in (ended_at, answered.ended_at) if t is not None]
+        talk_end = min(ends) if ends else None
+
+    disposition: Disposition | None = None
+    if ended_at is not None:
+        if answered is not None:
+            disposition = Disposition.ANSWERED
+        elif call.caller_hung_up_at is not None:
+            disposition = Disposition.ABANDONED
+        else:
+            disposition = Disposition.MISSED
+
+    return CallRecord(
+        linkedid=call.linkedid,
+        did=call.did,
+        trunk=call.trunk,
+        caller_number=call.caller_number,
+        caller_name=call.caller_name,
+        started_at=call.started_at,
+        ring_started_at=ring_started_at,
+        answered_at=answered_at,
+        ended_at=ended_at,
+        ring_seconds=ring_seconds,
+        rings=rings,
+        within_ring_limit=within_ring_limit(
+            ring_seconds, answered is not None, settings.ring_period_seconds, settings.max_rings),
+        answered_by=answered.endpoint if answered else None,
+        disposition=disposition,
+        talk_seconds=_seconds(answered_at, talk_end),
+        hangup_cause=call.hangup_cause,
+        hangup_cause_text=call.hangup_cause_text,
+    )
+
+
+def _leg_row(linkedid: str, leg: LegState) -> CallLeg:
+    return CallLeg(
+        linkedid=linkedid,
+        uniqueid=leg.uniqueid,
+        channel=leg.channel,
+        endpoint=leg.endpoint,
+        dial_started_at=leg.dial_started_at,
+        ring_started_at=leg.ring_started_at,
+        answered_at=leg.answered_at,
+        ended_at=leg.ended_at,
+        dial_status=leg.dial_status,
+        hangup_cause=leg.hangup_cause,
+        hangup_cause_text=leg.hangup_cause_text,
+    )
