@@ -18,6 +18,7 @@ Standard library only: it runs before any virtualenv exists.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -216,10 +217,8 @@ def stop_instance(root: Path, state: Path, name: str) -> None:
         return
     pid = int(path.read_text().strip() or 0)
     if pid and alive(pid):
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             cli(root, name, "core stop now", timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
         deadline = time.monotonic() + 10
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -62,12 +62,12 @@ class SafeAmiProtocol(AMIProtocol):  # type: ignore[misc]
         for message in messages:
             if message.decode_errors:
                 self.decode_errors += 1
-                log.warning("ami_message_not_utf8", event=message.event)
+                log.warning("ami_message_not_utf8", ami_event=message.event)
             try:
                 self._route(message)
             except Exception:  # a bad handler must not kill the connection
                 self.handler_errors += 1
-                log.exception("ami_handler_failed", event=message.event)
+                log.exception("ami_handler_failed", ami_event=message.event)
 
     def _route(self, message: AmiMessage) -> None:
         compat = Message({k: v for k, v in message.headers.items()})

@@ -1,0 +1,50 @@
+# pbx-bridge: the two commands a newcomer needs are `make run` and `make test`.
+# Both set up everything on a fresh machine: a virtualenv, a private PostgreSQL cluster
+# under .state/, the real-PBX sandbox (two Asterisk 22 instances in a Debian chroot; needs
+# root), and the database migrations.
+
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: run test env down lint unit e2e fixtures clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 required"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+## env: PostgreSQL + database + migrations + sandbox PBX, all under .state/
+env: $(STAMP)
+	$(BIN)/python scripts/devenv.py up
+
+## down: stop the sandbox and PostgreSQL
+down:
+	-$(PYTHON) scripts/devenv.py down
+
+## run: set everything up, start pbx-bridge in the foreground, place a demo call, show its record
+run: env
+	$(BIN)/python scripts/demo.py; status=$$?; $(MAKE) --no-print-directory down; exit $$status
+
+## lint: ruff and mypy --strict
+lint: $(STAMP)
+	$(BIN)/ruff check pbx_bridge tests scripts docker
+	$(BIN)/mypy
+
+## test: lint, then unit, integration and end-to-end tests against the real sandbox
+test: lint env
+	$(BIN)/pytest; status=$$?; $(MAKE) --no-print-directory down; exit $$status
+
+## unit: only the tests that need neither PostgreSQL nor the PBX
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+## fixtures: re-capture the AMI streams under tests/fixtures/ami from the sandbox
+fixtures: env
+	$(BIN)/python tests/support/capture.py tests/fixtures/ami
+
+clean: down
+	rm -rf .state $(VENV)

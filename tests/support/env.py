@@ -1,0 +1,45 @@
+"""Where the local environment (make env) put things: sandbox settings, config, database."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STATE = Path(os.environ.get("PBX_BRIDGE_STATE", REPO / ".state")).resolve()
+
+
+class EnvironmentMissing(Exception):
+    """The sandbox or database is not set up: run `make test` (or `make env`)."""
+
+
+@dataclass(frozen=True)
+class DevEnv:
+    """The running sandbox and database, as scripts/devenv.py set them up."""
+
+    sandbox: dict[str, object]
+    config_path: Path
+    dsn: str
+
+    @property
+    def hotline_numbers(self) -> list[str]:
+        numbers = self.sandbox["hotline_numbers"]
+        assert isinstance(numbers, list)
+        return [str(n) for n in numbers]
+
+    @property
+    def other_number(self) -> str:
+        return str(self.sandbox["other_number"])
+
+
+def load_devenv() -> DevEnv:
+    """Read the environment `make env` created; fail loudly (never skip) if it is absent."""
+    sandbox_json = STATE / "sandbox" / "sandbox.json"
+    config = STATE / "pbx-bridge.toml"
+    if not sandbox_json.exists() or not config.exists():
+        raise EnvironmentMissing(f"no sandbox under {STATE}: run `make test` or `make env` first")
+    port = os.environ.get("PBX_BRIDGE_PG_PORT", "15432")
+    return DevEnv(sandbox=json.loads(sandbox_json.read_text()), config_path=config,
+                  dsn=f"postgresql://postgres@127.0.0.1:{port}/pbx_bridge")

@@ -1,0 +1,85 @@
+"""Drives the sandbox's "world" Asterisk: outside callers and the agents' phones.
+
+It talks to world's AMI with pbx-bridge's own AmiClient (so the UTF-8 and escaping paths
+are exercised here too). Per-call phone behaviour is keyed by the caller's number, so
+concurrent calls can each have their own script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pbx_bridge.ami.client import AmiClient
+from pbx_bridge.ami.wire import AmiMessage
+from tests.support.env import DevEnv
+
+
+def answer(after: float, talk: float) -> str:
+    """Phone plan: ring `after` seconds, answer, talk `talk` seconds, hang up."""
+    return f"answer:{after:g}:{talk:g}"
+
+
+BUSY = "busy"
+IGNORE = "ignore"
+
+
+def new_caller_number() -> str:
+    """A fresh mobile-looking caller number, so each test's calls are its own."""
+    return "139" + "".join(secrets.choice("0123456789") for _ in range(8))
+
+
+class World:
+    """Actions on the world instance."""
+
+    def __init__(self, client: AmiClient) -> None:
+        self._client = client
+
+    async def action(self, fields: dict[str, str | list[str]]) -> Any:
+        response = await self._client.send_action(fields)
+        if response.get("Response") != "Success":
+            raise RuntimeError(f"world refused {fields.get('Action')}: {response.get('Message')}")
+        return response
+
+    async def set_phone(self, caller_number: str, phone: str, plan: str) -> None:
+        """How `phone` reacts to calls from `caller_number` (see answer/BUSY/IGNORE)."""
+        await self.action({"Action": "DBPut", "Family": f"phone/{caller_number}", "Key": phone, "Val": plan})
+
+    async def call(self, did: str, caller_number: str, caller_name: str = "", *,
+                   patience: float | None = None, talk: float | None = None) -> None:
+        """An outside caller dials `did` through the carrier.
+
+        `patience`: seconds the caller lets it ring before hanging up (default: an hour).
+        `talk`: seconds after answer before the caller hangs up (default: the agent ends it).
+        """
+        variables = [f"CALLER_NUM={caller_number}",
+                     "CALLER_NAME_B64=" + base64.b64encode(caller_name.encode()).decode()]
+        if patience is not None:
+            variables.append(f"CALLER_PATIENCE={patience:g}")
+        if talk is not None:
+            variables.append(f"CALLER_TALK={talk:g}")
+        await self.action({
+            "Action": "Originate", "Channel": f"Local/{did}@outside-caller/n",
+            "Application": "Wait", "Data": "3600", "Async": "true", "Variable": variables,
+        })
+
+
+@contextlib.asynccontextmanager
+async def connect_world(env: DevEnv) -> AsyncIterator[World]:
+    """A logged-in World for the duration of the block."""
+    def ignore(_: AmiMessage) -> None:
+        return None
+
+    client = AmiClient(host="127.0.0.1", port=int(str(env.sandbox["world_ami_port"])), username="sandbox",
+                       secret=str(env.sandbox["world_admin_secret"]), on_event=ignore)
+    task = asyncio.create_task(client.run())
+    try:
+        await asyncio.wait_for(client.connected.wait(), 10)
+        yield World(client)
+    finally:
+        client.stop()
+        await task

@@ -1,0 +1,163 @@
+"""The pure call tracker, driven by AMI streams captured from the real sandbox PBX."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+
+from pbx_bridge.ami.wire import AmiMessage, parse_message
+from pbx_bridge.tracker import (
+    CallEnded,
+    CallRecord,
+    CallStarted,
+    Decision,
+    Disposition,
+    TrackerSettings,
+    TrackerState,
+    apply,
+)
+from pbx_bridge.tracker.tracker import endpoint_of
+from tests.support.fixtures import fixture_messages
+
+SETTINGS = TrackerSettings(hotline_numbers=frozenset({"4008001234", "4008005678"}), trunk="carrier")
+
+
+def run(messages: list[AmiMessage], settings: TrackerSettings = SETTINGS) -> tuple[TrackerState, list[Decision]]:
+    state, out = TrackerState(), []
+    for message in messages:
+        state, decisions = apply(state, message, settings)
+        out.extend(decisions)
+    return state, out
+
+
+def ended(name: str, settings: TrackerSettings = SETTINGS) -> list[CallRecord]:
+    state, decisions = run(fixture_messages(name), settings)
+    assert state.calls == {}, "every call in a finished capture must be closed"
+    return [d.record for d in decisions if isinstance(d, CallEnded)]
+
+
+def test_answered_after_7s_talk_4s() -> None:
+    [call] = ended("answered_7s_talk_4s")
+    assert call.disposition is Disposition.ANSWERED
+    assert call.did == "4008001234"
+    assert call.caller_number == "13800000001"
+    assert call.caller_name == "张三客户"
+    assert call.rings == 2
+    assert call.within_ring_limit is True
+    assert call.ring_seconds == pytest.approx(7, abs=0.5)
+    assert call.talk_seconds == pytest.approx(4, abs=0.5)
+    assert call.answered_by == "agent101"
+    assert call.started_at <= call.ring_started_at <= call.answered_at <= call.ended_at  # type: ignore[operator]
+    assert call.hangup_cause == 16
+    assert call.source == "ami"
+
+
+def test_answered_after_17s_breaches_the_ring_limit() -> None:
+    [call] = ended("answered_17s")
+    assert call.disposition is Disposition.ANSWERED
+    assert call.rings == 4
+    assert call.within_ring_limit is False
+    assert call.answered_by == "agent102"
+    assert call.ring_seconds == pytest.approx(17, abs=0.5)
+
+
+def test_caller_hangs_up_after_6s_is_abandoned() -> None:
+    [call] = ended("abandoned_6s")
+    assert call.disposition is Disposition.ABANDONED
+    assert call.answered_at is None
+    assert call.answered_by is None
+    assert call.talk_seconds is None
+    assert call.ring_seconds == pytest.approx(6, abs=0.5)
+    assert call.rings == 2
+    assert call.within_ring_limit is None  # left before the limit
+
+
+def test_caller_name_with_quotes_and_backslash_is_restored_exactly() -> None:
+    [call] = ended("abandoned_6s")
+    assert call.caller_name == 'Robert "Bob" ;-- \\ O\'Brien'
+
+
+def test_all_phones_busy_is_missed() -> None:
+    [call] = ended("missed_all_busy")
+    assert call.disposition is Disposition.MISSED
+    assert call.caller_name == ""
+    assert call.answered_at is None
+
+
+def test_non_hotline_did_makes_no_record() -> None:
+    _, decisions = run(fixture_messages("other_did"))
+    assert decisions == []
+
+
+def test_concurrent_calls_each_get_their_own_correct_record() -> None:
+    calls = {c.caller_number: c for c in ended("concurrent_3")}
+    assert set(calls) == {"13800000011", "13800000012", "13800000013"}
+    assert calls["13800000011"].answered_by == "agent101"
+    assert calls["13800000012"].answered_by == "agent102"
+    assert calls["13800000013"].answered_by == "agent102"
+    assert calls["13800000012"].ring_seconds == pytest.approx(4, abs=0.5)
+    assert len({c.linkedid for c in calls.values()}) == 3
+    assert all(c.caller_name.startswith("并发 ") for c in calls.values())
+
+
+def test_legs_one_per_agent_channel_with_dial_status() -> None:
+    _, decisions = run(fixture_messages("concurrent_3"))
+    by_caller = {d.record.caller_number: d for d in decisions if isinstance(d, CallEnded)}
+    legs = {leg.endpoint: leg for leg in by_caller["13800000013"].legs}
+    assert set(legs) == {"agent101", "agent102"}
+    assert legs["agent101"].dial_status == "BUSY"
+    assert legs["agent102"].dial_status == "ANSWER"
+    assert legs["agent102"].answered_at is not None
+    assert all(leg.ended_at is not None for leg in legs.values())
+
+
+def test_start_is_announced_once_per_call_before_its_end() -> None:
+    _, decisions = run(fixture_messages("concurrent_3"))
+    kinds = [(type(d).__name__, d.record.linkedid) for d in decisions]
+    for linkedid in {lid for _, lid in kinds}:
+        assert [k for k, lid in kinds if lid == linkedid] == ["CallStarted", "CallEnded"]
+    started = [d for d in decisions if isinstance(d, CallStarted)]
+    assert all(d.record.ended_at is None and d.record.disposition is None for d in started)
+
+
+def test_wrong_trunk_is_ignored() -> None:
+    _, decisions = run(fixture_messages("answered_7s_talk_4s"), replace(SETTINGS, trunk="other-carrier"))
+    assert decisions == []
+
+
+def test_ring_cadence_comes_from_settings() -> None:
+    us = replace(SETTINGS, ring_period_seconds=6.0)
+    [call] = ended("answered_17s", us)
+    assert call.rings == 3  # floor(17 / 6) + 1
+    assert call.within_ring_limit is True
+
+
+def test_apply_is_pure_input_state_untouched_and_repeatable() -> None:
+    messages = fixture_messages("answered_7s_talk_4s")
+    state = TrackerState()
+    for message in messages[:8]:
+        state, _ = apply(state, message, SETTINGS)
+    snapshot = copy.deepcopy(state)
+    first = apply(state, messages[8], SETTINGS)
+    second = apply(state, messages[8], SETTINGS)
+    assert state == snapshot
+    assert first == second
+
+
+def test_events_without_timestamp_or_linkedid_are_ignored() -> None:
+    messages = fixture_messages("answered_7s_talk_4s")
+    newchannel = next(m for m in messages if m.event == "Newchannel")
+    stripped = AmiMessage({k: v for k, v in newchannel.headers.items() if k != "timestamp"})
+    assert apply(TrackerState(), stripped, SETTINGS) == (TrackerState(), [])
+    assert apply(TrackerState(), parse_message("Event: Newchannel\r\nTimestamp: 1.0"), SETTINGS)[1] == []
+
+
+@pytest.mark.parametrize(("channel", "endpoint"), [
+    ("PJSIP/agent101-0000002a", "agent101"),
+    ("PJSIP/my-trunk-00000001", "my-trunk"),
+    ("PJSIP/noseq", "noseq"),
+])
+def test_endpoint_of(channel: str, endpoint: str) -> None:
+    assert endpoint_of(channel) == endpoint
