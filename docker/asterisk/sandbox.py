@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -193,6 +194,19 @@ def install_config(root: Path, name: str, values: dict[str, str]) -> Path:
     return base
 
 
+def isolate_name_service(root: Path) -> None:
+    """Keep Asterisk's own-address lookups inside the chroot and instant.
+
+    For every call Asterisk resolves this host's name and A.ROOT-SERVERS.NET to find its
+    RTP address. With the host's resolv.conf copied in, each lookup waits for a resolver
+    the sandbox cannot reach (5 s timeouts that pace call setup). The chroot gets its own
+    hosts file and a resolver on loopback, which refuses at once.
+    """
+    hostname = socket.gethostname()
+    (root / "etc" / "hosts").write_text(f"127.0.0.1 localhost {hostname}\n::1 localhost ip6-localhost\n")
+    (root / "etc" / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+
+
 def pidfile(state: Path, name: str) -> Path:
     return state / f"{name}.pid"
 
@@ -237,6 +251,7 @@ def start(state: Path, pg: dict[str, str]) -> None:
     settings = load_settings(state)
     for name in INSTANCES:
         stop_instance(root, state, name)
+    isolate_name_service(root)
     for name in INSTANCES:
         base = install_config(root, name, substitutions(name, settings, pg))
         log = (state / f"{name}.console.log").open("ab")

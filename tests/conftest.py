@@ -1,0 +1,44 @@
+"""Shared fixtures: the local environment (make env), a scratch database, the running daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from pbx_bridge.storage.migrations import migrate, sql_dir
+from tests.support.env import DevEnv, load_devenv
+
+
+@pytest.fixture(scope="session")
+def devenv() -> DevEnv:
+    """The sandbox and database set up by `make env`; an error (never a skip) when absent."""
+    return load_devenv()
+
+
+@pytest.fixture(scope="session")
+def scratch_dsn(devenv: DevEnv) -> Iterator[str]:
+    """A freshly migrated database of its own for integration tests, dropped afterwards."""
+    name = f"pbx_bridge_it_{secrets.token_hex(4)}"
+    admin = devenv.dsn.rsplit("/", 1)[0] + "/postgres"
+    dsn = devenv.dsn.rsplit("/", 1)[0] + f"/{name}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.close()
+        conn = await asyncpg.connect(dsn)
+        await migrate(conn, sql_dir())
+        await conn.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+    asyncio.run(create())
+    yield dsn
+    asyncio.run(drop())

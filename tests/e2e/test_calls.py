@@ -1,0 +1,172 @@
+"""End to end: a real SIP call into the real Asterisk becomes one correct row in PostgreSQL.
+
+world (the carrier, callers and phones) -> SIP -> pbx (Asterisk 22, the repo's dialplan)
+-> AMI -> the real `pbx-bridge run` process -> PostgreSQL. Each test uses its own caller
+numbers, so the tests share one daemon and one database without seeing each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.support.daemon import BridgeProcess
+from tests.support.env import DevEnv
+from tests.support.world import IGNORE, answer, connect_world, new_caller_number
+
+pytestmark = pytest.mark.e2e
+
+QUOTED_NAME = 'Robert "Bob" ;-- \\ O\'Brien'
+
+
+@pytest.fixture(scope="module")
+def bridge(devenv: DevEnv) -> Iterator[BridgeProcess]:
+    process = BridgeProcess(devenv.config_path)
+    process.start()
+    yield process
+    assert process.stop() == 0
+    assert process.events("pbx_bridge_stopped")
+
+
+async def finished_calls(dsn: str, numbers: list[str], timeout: float) -> dict[str, list[asyncpg.Record]]:
+    """Wait until every caller number has a finished call row; return all rows per number."""
+    deadline = time.monotonic() + timeout
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            rows = await conn.fetch(
+                "SELECT * FROM calls WHERE caller_number = ANY($1::text[]) ORDER BY started_at", numbers)
+            by_number: dict[str, list[asyncpg.Record]] = {n: [] for n in numbers}
+            for row in rows:
+                by_number[row["caller_number"]].append(row)
+            if all(any(r["ended_at"] is not None for r in v) for v in by_number.values()):
+                return by_number
+            if time.monotonic() > deadline:
+                missing = [n for n, v in by_number.items() if not v or v[-1]["ended_at"] is None]
+                raise AssertionError(f"no finished call row within {timeout} s for {missing}")
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
+async def one_call(dsn: str, number: str, timeout: float) -> asyncpg.Record:
+    rows = (await finished_calls(dsn, [number], timeout))[number]
+    assert len(rows) == 1, f"expected exactly one row for {number}, got {len(rows)}"
+    return rows[0]
+
+
+async def fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def test_agent_answers_after_7s_and_talks_4s(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    number = new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(number, "agent101", answer(7, 4))
+        await world.set_phone(number, "agent102", IGNORE)
+        await world.call(devenv.hotline_numbers[0], number, "张三客户")
+    row = await one_call(devenv.dsn, number, timeout=30)
+    assert row["disposition"] == "answered"
+    assert row["did"] == devenv.hotline_numbers[0]
+    assert row["rings"] == 2
+    assert row["within_ring_limit"] is True
+    assert float(row["ring_seconds"]) == pytest.approx(7, abs=0.5)
+    assert row["answered_by"] == "agent101"
+    assert float(row["talk_seconds"]) == pytest.approx(4, abs=0.5)
+    assert row["caller_name"] == "张三客户"
+    assert row["source"] == "ami" and row["is_probe"] is False
+    legs = await fetch(devenv.dsn, "SELECT endpoint, dial_status FROM call_legs WHERE linkedid = $1",
+                       row["linkedid"])
+    assert sorted((r["endpoint"], r["dial_status"]) for r in legs) == [("agent101", "ANSWER"),
+                                                                        ("agent102", "CANCEL")]
+    # Asterisk's own durable trail of the same call, for reconciliation (cel_pgsql).
+    cel = await fetch(devenv.dsn, "SELECT eventtype, cid_name FROM cel WHERE linkedid = $1", row["linkedid"])
+    assert "LINKEDID_END" in {r["eventtype"] for r in cel}
+    assert "张三客户" in {r["cid_name"] for r in cel}
+
+
+async def test_agent_answers_after_17s_breaches_the_ring_limit(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    number = new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(number, "agent101", IGNORE)
+        await world.set_phone(number, "agent102", answer(17, 1))
+        await world.call(devenv.hotline_numbers[0], number, "李四")
+    row = await one_call(devenv.dsn, number, timeout=35)
+    assert row["disposition"] == "answered"
+    assert row["rings"] == 4
+    assert row["within_ring_limit"] is False
+    assert row["answered_by"] == "agent102"
+    assert float(row["ring_seconds"]) == pytest.approx(17, abs=0.5)
+
+
+async def test_caller_hangs_up_after_6s_of_ringing(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    number = new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(number, "agent101", IGNORE)
+        await world.set_phone(number, "agent102", IGNORE)
+        await world.call(devenv.hotline_numbers[1], number, QUOTED_NAME, patience=6)
+    row = await one_call(devenv.dsn, number, timeout=25)
+    assert row["disposition"] == "abandoned"
+    assert row["answered_at"] is None and row["answered_by"] is None
+    assert row["did"] == devenv.hotline_numbers[1]
+    assert float(row["ring_seconds"]) == pytest.approx(6, abs=0.5)
+    assert row["within_ring_limit"] is None
+
+
+async def test_caller_names_are_stored_exactly(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    names = {new_caller_number(): "张三客户", new_caller_number(): QUOTED_NAME,
+             new_caller_number(): "王小明 \\\\ ;-- DROP TABLE calls; '\"'"}
+    async with connect_world(devenv) as world:
+        for number, name in names.items():
+            await world.set_phone(number, "agent101", answer(1, 1))
+            await world.call(devenv.hotline_numbers[0], number, name)
+    rows = await finished_calls(devenv.dsn, list(names), timeout=25)
+    assert {number: found[0]["caller_name"] for number, found in rows.items()} == names
+
+
+async def test_twenty_concurrent_calls_make_twenty_correct_rows(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    plans: dict[str, tuple[str, float]] = {}
+    answer_after = (1.0, 2.5, 4.0, 6.5, 8.0)  # at least 1 s from a ring boundary (5 s, 10 s)
+    async with connect_world(devenv) as world:
+        for i in range(20):
+            number = new_caller_number()
+            after = answer_after[i % len(answer_after)]
+            phone = "agent101" if i % 2 == 0 else "agent102"
+            plans[number] = (phone, after)
+            await world.set_phone(number, phone, answer(after, 2))
+            await world.set_phone(number, "agent102" if phone == "agent101" else "agent101", IGNORE)
+        await asyncio.gather(*(world.call(devenv.hotline_numbers[0], number, f"并发{n}")
+                               for n, number in enumerate(plans)))
+    rows = await finished_calls(devenv.dsn, list(plans), timeout=40)
+    assert all(len(found) == 1 for found in rows.values()), "one row per call, no duplicates"
+    for number, (phone, after) in plans.items():
+        row = rows[number][0]
+        assert row["disposition"] == "answered", number
+        assert row["answered_by"] == phone, number
+        assert float(row["ring_seconds"]) == pytest.approx(after, abs=0.5), number
+        assert row["rings"] == int(after // 5) + 1, number
+        assert float(row["talk_seconds"]) == pytest.approx(2, abs=0.5), number
+    assert len({rows[n][0]["linkedid"] for n in plans}) == 20
+
+
+async def test_a_call_to_another_did_makes_no_row(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    other, control = new_caller_number(), new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(other, "reception", answer(1, 1))
+        await world.call(devenv.other_number, other, "不是热线")
+        await asyncio.sleep(3)  # the non-hotline call rings, is answered and ends meanwhile
+        await world.set_phone(control, "agent101", answer(1, 1))
+        await world.call(devenv.hotline_numbers[0], control, "control")
+    await one_call(devenv.dsn, control, timeout=20)  # the daemon was watching all along
+    assert await fetch(devenv.dsn, "SELECT 1 FROM calls WHERE caller_number = $1", other) == []
+    cel = await fetch(devenv.dsn, "SELECT 1 FROM cel WHERE cid_num = $1", other)
+    assert cel, "the other call did go through the PBX"

@@ -1,0 +1,150 @@
+"""Migrations and the call writer against a real PostgreSQL database."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
+from pbx_bridge.storage.writer import CallWriter, decision_from_json, decision_to_json
+from pbx_bridge.tracker import CallEnded, CallLeg, CallRecord, CallStarted, Disposition
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 23, 1, 30, tzinfo=UTC)
+NASTY = "Robert'); DROP TABLE calls; -- \"Bob\" \\ 张三客户"
+
+
+def record(linkedid: str, *, ended: bool = True, **changes: object) -> CallRecord:
+    base = CallRecord(
+        linkedid=linkedid, did="4008001234", trunk="carrier", caller_number="13800000001",
+        caller_name="张三客户", started_at=T0, ring_started_at=T0 + timedelta(seconds=0.1),
+        answered_at=T0 + timedelta(seconds=7.1) if ended else None,
+        ended_at=T0 + timedelta(seconds=11.1) if ended else None,
+        ring_seconds=7.0 if ended else None, rings=2 if ended else None,
+        within_ring_limit=True if ended else None, answered_by="agent101" if ended else None,
+        disposition=Disposition.ANSWERED if ended else None, talk_seconds=4.0 if ended else None,
+        hangup_cause=16 if ended else None, hangup_cause_text="Normal Clearing" if ended else None)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def leg(linkedid: str, uniqueid: str) -> CallLeg:
+    return CallLeg(linkedid=linkedid, uniqueid=uniqueid, channel=f"PJSIP/agent101-{uniqueid}",
+                   endpoint="agent101", dial_started_at=T0, ring_started_at=T0, answered_at=None,
+                   ended_at=T0 + timedelta(seconds=3), dial_status="CANCEL", hangup_cause=26,
+                   hangup_cause_text="Answered elsewhere")
+
+
+async def write_all(dsn: str, decisions: list[CallStarted | CallEnded], spool: Path | None = None) -> CallWriter:
+    writer = CallWriter(lambda: asyncpg.connect(dsn), flush_interval=0.01, spool_path=spool)
+    for decision in decisions:
+        writer.submit(decision)
+    task = asyncio.create_task(writer.run())
+    writer.stop()
+    await asyncio.wait_for(task, 10)
+    return writer
+
+
+async def test_migrate_is_idempotent_and_recorded(scratch_dsn: str) -> None:
+    conn = await asyncpg.connect(scratch_dsn)
+    try:
+        assert await migrate(conn, sql_dir()) == []  # the fixture already applied everything
+        versions = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [r["name"] for r in versions][0] == "0001_calls.sql"
+    finally:
+        await conn.close()
+
+
+async def test_a_migration_changed_after_applying_is_refused(scratch_dsn: str, tmp_path: Path) -> None:
+    shutil.copytree(sql_dir(), tmp_path / "sql")
+    changed = tmp_path / "sql" / "migrations" / "0001_calls.sql"
+    changed.write_text(changed.read_text() + "\n-- edited\n")
+    conn = await asyncpg.connect(scratch_dsn)
+    try:
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            await migrate(conn, tmp_path / "sql")
+    finally:
+        await conn.close()
+
+
+async def test_one_row_per_linkedid_whatever_the_replays(scratch_dsn: str) -> None:
+    final = CallEnded(record("it-1"), (leg("it-1", "u1"), leg("it-1", "u2")))
+    started = CallStarted(record("it-1", ended=False))
+    await write_all(scratch_dsn, [started, final, final])
+    await write_all(scratch_dsn, [final, started])  # a late, partial replay must not undo the final row
+    conn = await asyncpg.connect(scratch_dsn)
+    try:
+        rows = await conn.fetch("SELECT * FROM calls WHERE linkedid = 'it-1'")
+        legs = await conn.fetchval("SELECT count(*) FROM call_legs WHERE linkedid = 'it-1'")
+    finally:
+        await conn.close()
+    assert len(rows) == 1 and legs == 2
+    row = rows[0]
+    assert row["disposition"] == "answered" and row["ended_at"] == T0 + timedelta(seconds=11.1)
+    assert float(row["ring_seconds"]) == 7.0 and row["rings"] == 2 and row["within_ring_limit"] is True
+    assert row["caller_name"] == "张三客户" and row["source"] == "ami"
+
+
+async def test_strangers_strings_are_stored_exactly(scratch_dsn: str) -> None:
+    await write_all(scratch_dsn, [CallEnded(record("it-2", caller_name=NASTY, caller_number="1'; --"), ())])
+    conn = await asyncpg.connect(scratch_dsn)
+    try:
+        row = await conn.fetchrow("SELECT caller_name, caller_number FROM calls WHERE linkedid = 'it-2'")
+        assert await conn.fetchval("SELECT count(*) FROM calls") >= 1
+    finally:
+        await conn.close()
+    assert row is not None and row["caller_name"] == NASTY and row["caller_number"] == "1'; --"
+
+
+async def test_database_down_records_are_spooled_then_replayed(scratch_dsn: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+
+    async def unreachable() -> asyncpg.Connection:
+        raise OSError("connection refused")
+
+    writer = CallWriter(unreachable, flush_interval=0.01, spool_path=spool, max_backoff=0.05)
+    writer.submit(CallEnded(record("it-3"), (leg("it-3", "u1"),)))
+    task = asyncio.create_task(writer.run(shutdown_timeout=0.3))
+    await asyncio.sleep(0.2)
+    assert writer.pending == 1 and not writer.db_up
+    writer.stop()
+    await asyncio.wait_for(task, 5)
+    assert len(spool.read_text().splitlines()) == 1
+
+    replaying = CallWriter(lambda: asyncpg.connect(scratch_dsn), flush_interval=0.01, spool_path=spool)
+    assert replaying.replay_spool() == 1
+    assert not spool.exists()
+    task = asyncio.create_task(replaying.run())
+    replaying.stop()
+    await asyncio.wait_for(task, 10)
+    conn = await asyncpg.connect(scratch_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM call_legs WHERE linkedid = 'it-3'") == 1
+    finally:
+        await conn.close()
+
+
+async def test_a_record_the_database_refuses_is_kept_and_does_not_block_others(
+        scratch_dsn: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+    bad = CallEnded(record("it-4", rings=-1), ())  # violates CHECK (rings >= 0)
+    good = CallEnded(record("it-5"), ())
+    await write_all(scratch_dsn, [bad, good], spool=spool)
+    rejected = spool.with_suffix(".rejected.jsonl").read_text().splitlines()
+    assert [decision_from_json(line).record.linkedid for line in rejected] == ["it-4"]
+    conn = await asyncpg.connect(scratch_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM calls WHERE linkedid IN ('it-4', 'it-5')") == 1
+    finally:
+        await conn.close()
+
+
+def test_spool_format_round_trips() -> None:
+    for decision in (CallEnded(record("x", caller_name=NASTY), (leg("x", "u"),)), CallStarted(record("y", ended=False))):
+        assert decision_from_json(decision_to_json(decision)) == decision

@@ -1,0 +1,74 @@
+"""Run the real `pbx-bridge run` process for end-to-end tests and watch its JSON log."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.support.env import REPO
+
+
+class BridgeProcess:
+    """`pbx-bridge run --config PATH` as a child process; its stderr log lines are collected."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the daemon and wait until it has logged in to AMI."""
+        self._process = subprocess.Popen(
+            [str(REPO / ".venv" / "bin" / "pbx-bridge"), "run", "--config", str(self.config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for("ami_connected", timeout)
+
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        for line in self._process.stderr:
+            with self._lock:
+                self.raw.append(line)
+                try:
+                    self.lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Log entries whose event is `name`."""
+        with self._lock:
+            return [line for line in self.lines if line.get("event") == name]
+
+    def wait_for(self, name: str, timeout: float, count: int = 1) -> list[dict[str, Any]]:
+        """Wait until `count` log entries named `name` exist; fail with the log if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(name)
+            if len(found) >= count:
+                return found
+            if self._process is not None and self._process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"pbx-bridge never logged {name!r} x{count}; log:\n" + "".join(self.raw[-40:]))
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait for the bounded graceful shutdown, return the exit code."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            code = self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            raise AssertionError("pbx-bridge did not stop within its shutdown bound") from None
+        if self._reader is not None:
+            self._reader.join(5)
+        return code
