@@ -56,7 +56,7 @@ async def test_migrate_is_idempotent_and_recorded(scratch_dsn: str) -> None:
     try:
         assert await migrate(conn, sql_dir()) == []  # the fixture already applied everything
         versions = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
-        assert [r["name"] for r in versions][0] == "0001_calls.sql"
+        assert next(r["name"] for r in versions) == "0001_calls.sql"
     finally:
         await conn.close()
 
@@ -146,5 +146,6 @@ async def test_a_record_the_database_refuses_is_kept_and_does_not_block_others(
 
 
 def test_spool_format_round_trips() -> None:
-    for decision in (CallEnded(record("x", caller_name=NASTY), (leg("x", "u"),)), CallStarted(record("y", ended=False))):
+    decisions = (CallEnded(record("x", caller_name=NASTY), (leg("x", "u"),)), CallStarted(record("y", ended=False)))
+    for decision in decisions:
         assert decision_from_json(decision_to_json(decision)) == decision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -38,10 +39,8 @@ class BridgeProcess:
         for line in self._process.stderr:
             with self._lock:
                 self.raw.append(line)
-                try:
+                with contextlib.suppress(json.JSONDecodeError):
                     self.lines.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
 
     def events(self, name: str) -> list[dict[str, Any]]:
         """Log entries whose event is `name`."""

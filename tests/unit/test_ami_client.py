@@ -81,7 +81,7 @@ def event(n: int, name: str = NAME) -> bytes:
 async def running(fake: FakeAmi, received: list[AmiMessage], **kwargs: float) -> AsyncIterator[AmiClient]:
     fake.server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
     client = AmiClient(host="127.0.0.1", port=fake.port, username="u", secret="s",
-                       on_event=received.append, **kwargs)  # type: ignore[arg-type]
+                       on_event=received.append, **kwargs)
     task = asyncio.create_task(client.run())
     try:
         yield client
@@ -99,7 +99,7 @@ async def until(predicate: object, timeout: float = 5.0) -> None:
 
 
 async def test_events_split_byte_by_byte_arrive_whole_and_in_order() -> None:
-    fake, received = FakeAmi(), []
+    fake, received = FakeAmi(), list[AmiMessage]()
     async with running(fake, received) as client:
         await asyncio.wait_for(client.connected.wait(), 5)
         await fake.push(b"".join(event(n) for n in range(5)), chunk=1)
@@ -109,7 +109,7 @@ async def test_events_split_byte_by_byte_arrive_whole_and_in_order() -> None:
 
 
 async def test_a_failing_handler_does_not_kill_the_connection() -> None:
-    fake, seen = FakeAmi(), []
+    fake, seen = FakeAmi(), list[AmiMessage]()
 
     def handler(message: AmiMessage) -> None:
         if message.get("Uniqueid") == "pbx-1":
@@ -130,7 +130,7 @@ async def test_a_failing_handler_does_not_kill_the_connection() -> None:
 
 
 async def test_unanswered_ping_drops_the_connection_and_reconnects() -> None:
-    fake, received = FakeAmi(), []
+    fake, received = FakeAmi(), list[AmiMessage]()
     async with running(fake, received, ping_interval=0.1, ping_timeout=0.2) as client:
         await asyncio.wait_for(client.connected.wait(), 5)
         fake.answer_pings = False
@@ -141,7 +141,7 @@ async def test_unanswered_ping_drops_the_connection_and_reconnects() -> None:
 
 
 async def test_server_closing_the_connection_leads_to_a_new_session() -> None:
-    fake, received = FakeAmi(), []
+    fake, received = FakeAmi(), list[AmiMessage]()
     async with running(fake, received) as client:
         await asyncio.wait_for(client.connected.wait(), 5)
         fake.drop_connections()
@@ -151,7 +151,7 @@ async def test_server_closing_the_connection_leads_to_a_new_session() -> None:
 
 
 async def test_refused_login_is_retried_with_backoff_never_connected() -> None:
-    fake, received = FakeAmi(accept_login=False), []
+    fake, received = FakeAmi(accept_login=False), list[AmiMessage]()
     async with running(fake, received) as client:
         await until(lambda: fake.connections >= 2, timeout=5)
         assert not client.connected.is_set()
@@ -159,7 +159,7 @@ async def test_refused_login_is_retried_with_backoff_never_connected() -> None:
 
 
 async def test_actions_are_sent_as_utf8() -> None:
-    fake, received = FakeAmi(), []
+    fake, received = FakeAmi(), list[AmiMessage]()
     async with running(fake, received) as client:
         await asyncio.wait_for(client.connected.wait(), 5)
         await client.send_action({"Action": "UserEvent", "UserEvent": "Note", "Name": NAME})
@@ -167,7 +167,7 @@ async def test_actions_are_sent_as_utf8() -> None:
 
 
 async def test_header_injection_fails_the_action_instead_of_hanging() -> None:
-    fake, received = FakeAmi(), []
+    fake, received = FakeAmi(), list[AmiMessage]()
     async with running(fake, received) as client:
         await asyncio.wait_for(client.connected.wait(), 5)
         with pytest.raises(AmiError, match="line break"):
@@ -187,11 +187,11 @@ def test_stock_panoramisk_still_loses_chinese_names() -> None:
     got: list[str] = []
 
     class Factory:
-        def dispatch(self, message: object) -> None:
-            got.append(message["CallerIDName"])  # type: ignore[index]
+        def dispatch(self, message: dict[str, str]) -> None:
+            got.append(message["CallerIDName"])
 
     protocol = AMIProtocol()
-    protocol.connection_made(transport=None)  # type: ignore[arg-type]
+    protocol.connection_made(transport=None)
     protocol.factory = Factory()
     protocol.data_received(event(1))
     assert got == [""]
