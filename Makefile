@@ -25,9 +25,10 @@ env: $(STAMP)
 down:
 	-$(PYTHON) scripts/devenv.py down
 
-## run: set everything up, start pbx-bridge in the foreground, place a demo call, show its record
+## run: set everything up, start pbx-bridge in the foreground, place a demo call, show its record;
+## Ctrl-C stops pbx-bridge, the sandbox and PostgreSQL (scripts/demo.py does the teardown)
 run: env
-	$(BIN)/python scripts/demo.py; status=$$?; $(MAKE) --no-print-directory down; exit $$status
+	$(BIN)/python scripts/demo.py
 
 ## lint: ruff and mypy --strict
 lint: $(STAMP)

@@ -245,12 +245,28 @@ def stop_instance(root: Path, state: Path, name: str) -> None:
     path.unlink(missing_ok=True)
 
 
+def check_ports_free(settings: dict[str, object]) -> None:
+    """Fail clearly if another sandbox (or anything else) holds our AMI or SIP ports."""
+    tcp = [("127.0.0.1", int(str(settings[k]))) for k in ("pbx_ami_port", "world_ami_port")]
+    udp = [(str(settings[k]), int(str(settings["sip_port"]))) for k in ("pbx_ip", "world_carrier_ip", "world_phones_ip")]
+    for kind, addresses in ((socket.SOCK_STREAM, tcp), (socket.SOCK_DGRAM, udp)):
+        for address in addresses:
+            with socket.socket(socket.AF_INET, kind) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(address)
+                except OSError:
+                    fail(f"{address[0]}:{address[1]} is in use: is another sandbox running? "
+                         "(`make down` in that checkout, or `asterisk -rx 'core stop now'` for it)")
+
+
 def start(state: Path, pg: dict[str, str]) -> None:
     """Stop anything this state directory started, render configuration, start, wait."""
     root = build()
     settings = load_settings(state)
     for name in INSTANCES:
         stop_instance(root, state, name)
+    check_ports_free(settings)
     isolate_name_service(root)
     for name in INSTANCES:
         base = install_config(root, name, substitutions(name, settings, pg))

@@ -210,7 +210,7 @@ class CallWriter:
             self.oldest_pending_since = time.monotonic() if self._pending else None
             backoff = 0.2
         self._spool_remaining()
-        await self._drop_connection()
+        await self._drop_connection(failed=False)
 
     async def _write_one_by_one(self, batch: Sequence[Decision]) -> None:
         conn = await self._connection()
@@ -233,8 +233,8 @@ class CallWriter:
             self.db_up = True
         return self._conn
 
-    async def _drop_connection(self) -> None:
-        if self.db_up:
+    async def _drop_connection(self, failed: bool = True) -> None:
+        if self.db_up and failed:
             log.warning("database_unavailable")
         self.db_up = False
         conn, self._conn = self._conn, None
