@@ -18,7 +18,16 @@ from pbx_bridge.ami.client import AmiClient
 from pbx_bridge.ami.wire import AmiMessage
 from pbx_bridge.config import Settings
 from pbx_bridge.storage.writer import CallWriter
-from pbx_bridge.tracker import CallEnded, CallStarted, Decision, TrackerSettings, TrackerState, apply
+from pbx_bridge.tracker import (
+    CallEnded,
+    CallLost,
+    CallStarted,
+    ChannelSnapshot,
+    Decision,
+    TrackerSettings,
+    TrackerState,
+    apply,
+)
 
 log = structlog.get_logger("pbx_bridge.daemon")
 
@@ -44,9 +53,15 @@ def _log_decision(decision: Decision) -> None:
                  ring_seconds=record.ring_seconds, rings=record.rings,
                  within_ring_limit=record.within_ring_limit, answered_by=record.answered_by,
                  talk_seconds=record.talk_seconds)
+    elif isinstance(decision, CallLost):
+        log.error("call_lost_in_ami_gap", linkedid=record.linkedid, did=record.did, caller=record.caller_number,
+                  hint="its end was not seen; the record stays incomplete until reconciled from CEL")
 
 
-async def consume(queue: asyncio.Queue[AmiMessage | None], settings: TrackerSettings,
+TrackerInput = AmiMessage | ChannelSnapshot | None
+
+
+async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
                   writer: CallWriter) -> None:
     """The one consumer of AMI events: apply each to the tracker, hand decisions to the writer."""
     state = TrackerState()
@@ -59,7 +74,8 @@ async def consume(queue: asyncio.Queue[AmiMessage | None], settings: TrackerSett
         state, decisions = apply(state, event, settings)
         for decision in decisions:
             _log_decision(decision)
-            writer.submit(decision)
+            if not isinstance(decision, CallLost):
+                writer.submit(decision)
 
 
 async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -78,13 +94,21 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         spool_path=settings.database.spool_path,
     )
     writer.replay_spool()
-    queue: asyncio.Queue[AmiMessage | None] = asyncio.Queue()
+    queue: asyncio.Queue[TrackerInput] = asyncio.Queue()
+
+    async def snapshot_channels(client: AmiClient) -> None:
+        """After every login: tell the tracker which channels exist (events may have been missed)."""
+        listing = await client.send_action({"Action": "CoreShowChannels"}, as_list=True)
+        uniqueids = frozenset(item.get("Uniqueid") for item in listing if item.get("Event") == "CoreShowChannel")
+        queue.put_nowait(ChannelSnapshot(uniqueids))
+        log.info("channels_snapshot", channels=len(uniqueids))
+
     ami = AmiClient(
         host=settings.ami.host, port=settings.ami.port, username=settings.ami.username,
         secret=settings.ami.resolved_secret().get_secret_value(), on_event=queue.put_nowait,
         connect_timeout=settings.ami.connect_timeout_seconds,
         ping_interval=settings.ami.ping_interval_seconds, ping_timeout=settings.ami.ping_timeout_seconds,
-        reconnect_max=settings.ami.reconnect_max_seconds,
+        reconnect_max=settings.ami.reconnect_max_seconds, on_session=snapshot_channels,
     )
     log.info("pbx_bridge_starting", ami=f"{settings.ami.host}:{settings.ami.port}",
              hotline=settings.hotline.numbers, trunk=settings.hotline.trunk)

@@ -248,7 +248,8 @@ def stop_instance(root: Path, state: Path, name: str) -> None:
 def check_ports_free(settings: dict[str, object]) -> None:
     """Fail clearly if another sandbox (or anything else) holds our AMI or SIP ports."""
     tcp = [("127.0.0.1", int(str(settings[k]))) for k in ("pbx_ami_port", "world_ami_port")]
-    udp = [(str(settings[k]), int(str(settings["sip_port"]))) for k in ("pbx_ip", "world_carrier_ip", "world_phones_ip")]
+    sip_port = int(str(settings["sip_port"]))
+    udp = [(str(settings[k]), sip_port) for k in ("pbx_ip", "world_carrier_ip", "world_phones_ip")]
     for kind, addresses in ((socket.SOCK_STREAM, tcp), (socket.SOCK_DGRAM, udp)):
         for address in addresses:
             with socket.socket(socket.AF_INET, kind) as sock:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -35,6 +35,7 @@ from pbx_bridge.ami.wire import AmiFramer, AmiMessage, FramingError, format_acti
 log = structlog.get_logger("pbx_bridge.ami")
 
 EventHandler = Callable[[AmiMessage], None]
+SessionHook = Callable[["AmiClient"], Awaitable[None]]
 
 
 class AmiError(Exception):
@@ -108,12 +109,14 @@ class AmiClient:
     """One AMI session at a time: connect, log in, keep alive, reconnect with backoff.
 
     Events are handed, in arrival order, to `on_event` (a synchronous callback; the
-    daemon makes it a `put_nowait` into the queue its consumer owns).
+    daemon makes it a `put_nowait` into the queue its consumer owns). `on_session` is
+    awaited after every successful login (e.g. to re-read the live channels after a gap);
+    an AmiError from it is logged, anything else is a bug and ends `run`.
     """
 
     def __init__(self, *, host: str, port: int, username: str, secret: str, on_event: EventHandler,
                  connect_timeout: float = 5.0, ping_interval: float = 10.0, ping_timeout: float = 5.0,
-                 reconnect_max: float = 30.0) -> None:
+                 reconnect_max: float = 30.0, on_session: SessionHook | None = None) -> None:
         self._host = host
         self._port = port
         self._username = username
@@ -123,6 +126,7 @@ class AmiClient:
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._reconnect_max = reconnect_max
+        self._on_session = on_session
         self._protocol: SafeAmiProtocol | None = None
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
@@ -186,6 +190,11 @@ class AmiClient:
             self.sessions += 1
             self.connected.set()
             log.info("ami_connected", host=self._host, port=self._port, banner=protocol._framer.banner)
+            if self._on_session is not None:
+                try:
+                    await self._on_session(self)
+                except AmiError as exc:
+                    log.warning("ami_session_setup_failed", error=str(exc))
             await self._keepalive(protocol, lost)
         finally:
             self.connected.clear()

@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from pbx_bridge.tracker.model import CallEnded, CallLeg, CallRecord, CallStarted, Decision, Disposition
+from pbx_bridge.tracker.model import CallEnded, CallLeg, CallRecord, CallStarted, Disposition, RecordWrite
 
 log = structlog.get_logger("pbx_bridge.writer")
 
@@ -57,9 +57,9 @@ def _leg_row(leg: CallLeg) -> tuple[Any, ...]:
     return tuple(getattr(leg, c) for c in LEG_COLUMNS)
 
 
-def coalesce(batch: Sequence[Decision]) -> list[Decision]:
+def coalesce(batch: Sequence[RecordWrite]) -> list[RecordWrite]:
     """Keep, per call, only the last decision of a batch (a final record supersedes a start)."""
-    latest: dict[str, Decision] = {}
+    latest: dict[str, RecordWrite] = {}
     for decision in batch:
         key = decision.record.linkedid
         if isinstance(latest.get(key), CallEnded) and isinstance(decision, CallStarted):
@@ -68,7 +68,7 @@ def coalesce(batch: Sequence[Decision]) -> list[Decision]:
     return list(latest.values())
 
 
-async def write_batch(conn: asyncpg.Connection, batch: Sequence[Decision]) -> None:
+async def write_batch(conn: asyncpg.Connection, batch: Sequence[RecordWrite]) -> None:
     """Upsert one batch of decisions in a single transaction."""
     decisions = coalesce(batch)
     legs = [leg for d in decisions if isinstance(d, CallEnded) for leg in d.legs]
@@ -92,7 +92,7 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def decision_to_json(decision: Decision) -> str:
+def decision_to_json(decision: RecordWrite) -> str:
     """Serialise a decision for the spool."""
     body: dict[str, Any] = {
         "kind": type(decision).__name__,
@@ -103,7 +103,7 @@ def decision_to_json(decision: Decision) -> str:
     return json.dumps(body, ensure_ascii=False)
 
 
-def decision_from_json(line: str) -> Decision:
+def decision_from_json(line: str) -> RecordWrite:
     """Read back a spooled decision."""
     body = json.loads(line)
     values = {k: _decode(v) for k, v in body["record"].items()}
@@ -131,7 +131,7 @@ class CallWriter:
         self._queue_limit = queue_limit
         self._spool_path = spool_path
         self._max_backoff = max_backoff
-        self._pending: list[Decision] = []
+        self._pending: list[RecordWrite] = []
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._conn: asyncpg.Connection | None = None
@@ -145,7 +145,7 @@ class CallWriter:
         """Decisions accepted but not yet in PostgreSQL."""
         return len(self._pending)
 
-    def submit(self, decision: Decision) -> None:
+    def submit(self, decision: RecordWrite) -> None:
         """Accept a decision for writing; never blocks."""
         if len(self._pending) >= self._queue_limit:
             self.dropped += 1
@@ -212,7 +212,7 @@ class CallWriter:
         self._spool_remaining()
         await self._drop_connection(failed=False)
 
-    async def _write_one_by_one(self, batch: Sequence[Decision]) -> None:
+    async def _write_one_by_one(self, batch: Sequence[RecordWrite]) -> None:
         conn = await self._connection()
         for decision in batch:
             try:

@@ -76,4 +76,22 @@ class CallEnded:
     legs: tuple[CallLeg, ...]
 
 
-Decision = CallStarted | CallEnded
+@dataclass(frozen=True, slots=True)
+class CallLost:
+    """The call's channels are gone but its end was never seen (AMI gap, Asterisk restart).
+
+    The record stays as last written; its end is for reconciliation from CEL to rebuild.
+    """
+
+    record: CallRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSnapshot:
+    """Tracker input: the channels Asterisk has right now (CoreShowChannels after a login)."""
+
+    uniqueids: frozenset[str]
+
+
+RecordWrite = CallStarted | CallEnded
+Decision = CallStarted | CallEnded | CallLost

@@ -12,7 +12,16 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from pbx_bridge.ami.wire import AmiMessage, unescape_sip_quoted
-from pbx_bridge.tracker.model import CallEnded, CallLeg, CallRecord, CallStarted, Decision, Disposition
+from pbx_bridge.tracker.model import (
+    CallEnded,
+    CallLeg,
+    CallLost,
+    CallRecord,
+    CallStarted,
+    ChannelSnapshot,
+    Decision,
+    Disposition,
+)
 from pbx_bridge.tracker.rings import rings_heard, within_ring_limit
 
 CHANNEL_STATE_RING = "4"  # inbound channel offered to Asterisk
@@ -94,9 +103,11 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
 
 
 def apply(
-    state: TrackerState, event: AmiMessage, settings: TrackerSettings
+    state: TrackerState, event: AmiMessage | ChannelSnapshot, settings: TrackerSettings
 ) -> tuple[TrackerState, list[Decision]]:
-    """Advance the tracker by one AMI event; return the new state and what must be done."""
+    """Advance the tracker by one input; return the new state and what must be done."""
+    if isinstance(event, ChannelSnapshot):
+        return _reconcile_with_snapshot(state, event, settings)
     when = event.timestamp
     linkedid = event.get("Linkedid")
     if when is None or not linkedid:
@@ -117,6 +128,21 @@ def apply(
         legs = tuple(_leg_row(updated.linkedid, leg) for leg in updated.legs.values())
         return replace(state, calls=calls), [CallEnded(_record(updated, settings), legs)]
     return replace(state, calls={**state.calls, linkedid: updated}), []
+
+
+def _reconcile_with_snapshot(
+    state: TrackerState, snapshot: ChannelSnapshot, settings: TrackerSettings
+) -> tuple[TrackerState, list[Decision]]:
+    """After an AMI gap: forget channels that vanished unseen; a call whose caller channel
+    vanished is lost (its end was never seen)."""
+    calls: dict[str, CallState] = {}
+    decisions: list[Decision] = []
+    for linkedid, call in state.calls.items():
+        if call.inbound_uniqueid not in snapshot.uniqueids:
+            decisions.append(CallLost(_record(call, settings)))
+            continue
+        calls[linkedid] = replace(call, live_channels=call.live_channels & snapshot.uniqueids)
+    return replace(state, calls=calls), decisions
 
 
 def _maybe_start_call(event: AmiMessage, when: datetime, settings: TrackerSettings) -> CallState | None:

@@ -8,13 +8,10 @@ numbers, so the tests share one daemon and one database without seeing each othe
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterator
-from typing import Any
 
-import asyncpg
 import pytest
 
+from tests.support.calls import fetch, finished_calls, one_call
 from tests.support.daemon import BridgeProcess
 from tests.support.env import DevEnv
 from tests.support.world import IGNORE, answer, connect_world, new_caller_number
@@ -22,50 +19,6 @@ from tests.support.world import IGNORE, answer, connect_world, new_caller_number
 pytestmark = pytest.mark.e2e
 
 QUOTED_NAME = 'Robert "Bob" ;-- \\ O\'Brien'
-
-
-@pytest.fixture(scope="module")
-def bridge(devenv: DevEnv) -> Iterator[BridgeProcess]:
-    process = BridgeProcess(devenv.config_path)
-    process.start()
-    yield process
-    assert process.stop() == 0
-    assert process.events("pbx_bridge_stopped")
-
-
-async def finished_calls(dsn: str, numbers: list[str], timeout: float) -> dict[str, list[asyncpg.Record]]:
-    """Wait until every caller number has a finished call row; return all rows per number."""
-    deadline = time.monotonic() + timeout
-    conn = await asyncpg.connect(dsn)
-    try:
-        while True:
-            rows = await conn.fetch(
-                "SELECT * FROM calls WHERE caller_number = ANY($1::text[]) ORDER BY started_at", numbers)
-            by_number: dict[str, list[asyncpg.Record]] = {n: [] for n in numbers}
-            for row in rows:
-                by_number[row["caller_number"]].append(row)
-            if all(any(r["ended_at"] is not None for r in v) for v in by_number.values()):
-                return by_number
-            if time.monotonic() > deadline:
-                missing = [n for n, v in by_number.items() if not v or v[-1]["ended_at"] is None]
-                raise AssertionError(f"no finished call row within {timeout} s for {missing}")
-            await asyncio.sleep(0.2)
-    finally:
-        await conn.close()
-
-
-async def one_call(dsn: str, number: str, timeout: float) -> asyncpg.Record:
-    rows = (await finished_calls(dsn, [number], timeout))[number]
-    assert len(rows) == 1, f"expected exactly one row for {number}, got {len(rows)}"
-    return rows[0]
-
-
-async def fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
 
 
 async def test_agent_answers_after_7s_and_talks_4s(bridge: BridgeProcess, devenv: DevEnv) -> None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from panoramisk.ami_protocol import AMIProtocol
 
-from pbx_bridge.ami.client import AmiClient, AmiError
+from pbx_bridge.ami.client import AmiClient, AmiError, SessionHook
 from pbx_bridge.ami.wire import AmiFramer, AmiMessage
 
 NAME = "张三客户"
@@ -78,10 +78,11 @@ def event(n: int, name: str = NAME) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def running(fake: FakeAmi, received: list[AmiMessage], **kwargs: float) -> AsyncIterator[AmiClient]:
+async def running(fake: FakeAmi, received: list[AmiMessage], *, ping_interval: float = 10.0,
+                  ping_timeout: float = 5.0, on_session: SessionHook | None = None) -> AsyncIterator[AmiClient]:
     fake.server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
-    client = AmiClient(host="127.0.0.1", port=fake.port, username="u", secret="s",
-                       on_event=received.append, **kwargs)
+    client = AmiClient(host="127.0.0.1", port=fake.port, username="u", secret="s", on_event=received.append,
+                       ping_interval=ping_interval, ping_timeout=ping_timeout, on_session=on_session)
     task = asyncio.create_task(client.run())
     try:
         yield client
@@ -195,3 +196,30 @@ def test_stock_panoramisk_still_loses_chinese_names() -> None:
     protocol.factory = Factory()
     protocol.data_received(event(1))
     assert got == [""]
+
+
+async def test_session_hook_runs_after_every_login() -> None:
+    fake, received, calls = FakeAmi(), list[AmiMessage](), list[int]()
+
+    async def hook(client: AmiClient) -> None:
+        calls.append(client.sessions)
+        await client.send_action({"Action": "CoreStatus"})
+
+    async with running(fake, received, on_session=hook) as client:
+        await until(lambda: calls == [1])
+        fake.drop_connections()
+        await until(lambda: calls == [1, 2])
+        assert client.connected.is_set()
+
+
+async def test_session_hook_ami_error_is_contained() -> None:
+    fake, received = FakeAmi(), list[AmiMessage]()
+
+    async def hook(client: AmiClient) -> None:
+        raise AmiError("listing failed")
+
+    async with running(fake, received, on_session=hook) as client:
+        await asyncio.wait_for(client.connected.wait(), 5)
+        await fake.push(event(3))
+        await until(lambda: len(received) == 1)
+        assert client.sessions == 1

@@ -10,8 +10,10 @@ import pytest
 from pbx_bridge.ami.wire import AmiMessage, parse_message
 from pbx_bridge.tracker import (
     CallEnded,
+    CallLost,
     CallRecord,
     CallStarted,
+    ChannelSnapshot,
     Decision,
     Disposition,
     TrackerSettings,
@@ -161,3 +163,54 @@ def test_events_without_timestamp_or_linkedid_are_ignored() -> None:
 ])
 def test_endpoint_of(channel: str, endpoint: str) -> None:
     assert endpoint_of(channel) == endpoint
+
+
+def _until_answered(name: str) -> tuple[TrackerState, list[AmiMessage]]:
+    """Replay a capture up to its BridgeEnter events (call talking), return state and the rest."""
+    messages = fixture_messages(name)
+    cut = max(i for i, m in enumerate(messages) if m.event == "BridgeEnter") + 1
+    state, _ = run(messages[:cut])
+    return state, messages[cut:]
+
+
+def test_snapshot_keeping_the_call_changes_nothing() -> None:
+    state, rest = _until_answered("answered_7s_talk_4s")
+    [call] = state.calls.values()
+    state, decisions = apply(state, ChannelSnapshot(frozenset(call.live_channels) | {"other"}), SETTINGS)
+    assert decisions == []
+    state, decisions = run_from(state, rest)
+    assert [type(d) for d in decisions] == [CallEnded]
+
+
+def test_snapshot_without_the_callers_channel_loses_the_call() -> None:
+    state, rest = _until_answered("answered_7s_talk_4s")
+    state, decisions = apply(state, ChannelSnapshot(frozenset()), SETTINGS)
+    assert [type(d) for d in decisions] == [CallLost]
+    assert decisions[0].record.caller_name == "张三客户"
+    assert decisions[0].record.ended_at is None
+    assert state.calls == {}
+    _, later = run_from(state, rest)  # the rest of the call is ignored, nothing is invented
+    assert later == []
+
+
+def test_snapshot_missing_a_vanished_leg_lets_the_call_finish() -> None:
+    messages = fixture_messages("answered_7s_talk_4s")
+    # drop agent102's Hangup (as if it fell into a gap); the snapshot says it is gone
+    gone = next(m for m in messages if m.event == "Hangup" and "agent102" in m.get("Channel"))
+    cut = messages.index(gone)
+    state, _ = run(messages[:cut])
+    [call] = state.calls.values()
+    alive = frozenset(u for u in call.live_channels if u != gone.get("Uniqueid"))
+    state, _ = apply(state, ChannelSnapshot(alive), SETTINGS)
+    state, decisions = run_from(state, messages[cut + 1:])
+    [final] = [d for d in decisions if isinstance(d, CallEnded)]
+    assert final.record.disposition is Disposition.ANSWERED
+    assert state.calls == {}
+
+
+def run_from(state: TrackerState, messages: list[AmiMessage]) -> tuple[TrackerState, list[Decision]]:
+    out: list[Decision] = []
+    for message in messages:
+        state, decisions = apply(state, message, SETTINGS)
+        out.extend(decisions)
+    return state, out

@@ -1,0 +1,85 @@
+"""End to end: Asterisk crashes or freezes under pbx-bridge. It notices (a dropped socket, an
+unanswered ping), reconnects with backoff, re-reads the live channels, says which call it
+lost, and keeps recording."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.calls import fetch, one_call
+from tests.support.daemon import BridgeProcess
+from tests.support.env import REPO, STATE, DevEnv
+from tests.support.world import IGNORE, answer, connect_world, new_caller_number
+
+pytestmark = pytest.mark.e2e
+
+
+def pbx_pid() -> int:
+    return int((STATE / "sandbox" / "pbx.pid").read_text())
+
+
+def restart_sandbox() -> None:
+    port = os.environ.get("PBX_BRIDGE_PG_PORT", "15432")
+    subprocess.run([sys.executable, str(REPO / "docker" / "asterisk" / "sandbox.py"), "start", "--state",
+                    str(STATE / "sandbox"), "--pg-port", port], check=True, capture_output=True)
+
+
+async def talking_call(bridge: BridgeProcess, devenv: DevEnv, talk: float) -> tuple[str, str]:
+    """Place a call that agent101 answers after 1 s; return (caller number, linkedid) once talking."""
+    number = new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(number, "agent101", answer(1, talk))
+        await world.set_phone(number, "agent102", IGNORE)
+        await world.call(devenv.hotline_numbers[0], number, "通话中")
+    for _ in range(100):
+        started = [e for e in bridge.events("call_started") if e["caller"] == number]
+        if started:
+            await asyncio.sleep(2)  # answered after 1 s, now talking
+            return number, str(started[0]["linkedid"])
+        await asyncio.sleep(0.1)
+    raise AssertionError("the call never started")
+
+
+async def test_asterisk_crash_mid_call(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    _, linkedid = await talking_call(bridge, devenv, talk=60)
+    sessions = len(bridge.events("ami_connected"))
+
+    os.kill(pbx_pid(), signal.SIGKILL)  # no hangup events: the call's end is never seen
+    await asyncio.to_thread(bridge.wait_for, "ami_disconnected", 10)
+    await asyncio.to_thread(restart_sandbox)
+    await asyncio.to_thread(bridge.wait_for, "ami_connected", 30, sessions + 1)
+    lost = await asyncio.to_thread(bridge.wait_for, "call_lost_in_ami_gap", 10)
+    assert linkedid in [e["linkedid"] for e in lost]
+    [row] = await fetch(devenv.dsn, "SELECT ended_at, disposition FROM calls WHERE linkedid = $1", linkedid)
+    assert row["ended_at"] is None and row["disposition"] is None  # left for reconciliation, not invented
+
+    after = new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(after, "agent102", answer(2, 1))
+        await world.call(devenv.hotline_numbers[0], after, "重启之后")
+    row = await one_call(devenv.dsn, after, timeout=30)
+    assert row["disposition"] == "answered" and row["answered_by"] == "agent102"
+
+
+async def test_frozen_asterisk_is_detected_by_ping_and_the_call_is_still_recorded(
+        bridge: BridgeProcess, devenv: DevEnv) -> None:
+    number, linkedid = await talking_call(bridge, devenv, talk=20)
+    sessions = len(bridge.events("ami_connected"))
+    pid = pbx_pid()
+    os.kill(pid, signal.SIGSTOP)  # the socket stays open, but nothing answers
+    try:
+        await asyncio.to_thread(bridge.wait_for, "ami_ping_unanswered", 20)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.to_thread(bridge.wait_for, "ami_connected", 30, sessions + 1)
+    # The call survived the freeze; the snapshot kept it, and its end is recorded normally.
+    row = await one_call(devenv.dsn, number, timeout=40)
+    assert row["linkedid"] == linkedid
+    assert row["disposition"] == "answered" and row["answered_by"] == "agent101"
+    assert not [e for e in bridge.events("call_lost_in_ami_gap") if e["linkedid"] == linkedid]
