@@ -8,7 +8,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test env down lint unit e2e fixtures clean
+.PHONY: run test env down lint unit bench fixtures clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 required"; exit 1; }
@@ -42,6 +42,10 @@ test: lint env
 ## unit: only the tests that need neither PostgreSQL nor the PBX
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
+
+## bench: events per second through framing + tracker, as a ratio to framing alone (same run)
+bench: $(STAMP)
+	$(BIN)/python tests/bench/bench_pipeline.py
 
 ## fixtures: re-capture the AMI streams under tests/fixtures/ami from the sandbox
 fixtures: env

@@ -25,15 +25,14 @@ C_ESCAPED_HEADERS = frozenset(
 )
 _C_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "a": "\a", "b": "\b", "f": "\f", "v": "\v",
               "\\": "\\", "'": "'", '"': '"', "?": "?"}
-_C_ESCAPE_RE = re.compile(r"\\(.)", re.DOTALL)
-_QUOTED_PAIR_RE = re.compile(r"\\(.)", re.DOTALL)
+_BACKSLASH_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
 def unescape_c(value: str) -> str:
     """Undo Asterisk's ast_escape_c (backslash escapes of quotes, backslashes, controls)."""
     if "\\" not in value:
         return value
-    return _C_ESCAPE_RE.sub(lambda m: _C_ESCAPES.get(m.group(1), m.group(0)), value)
+    return _BACKSLASH_PAIR.sub(lambda m: _C_ESCAPES.get(m.group(1), m.group(0)), value)
 
 
 def unescape_sip_quoted(value: str) -> str:
@@ -44,7 +43,7 @@ def unescape_sip_quoted(value: str) -> str:
     """
     if "\\" not in value:
         return value
-    return _QUOTED_PAIR_RE.sub(lambda m: m.group(1), value)
+    return _BACKSLASH_PAIR.sub(lambda m: m.group(1), value)
 
 
 class FramingError(Exception):
