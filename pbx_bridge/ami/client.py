@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -31,6 +30,7 @@ from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
 
 from pbx_bridge.ami.wire import AmiFramer, AmiMessage, FramingError, format_action
+from pbx_bridge.backoff import Backoff
 
 log = structlog.get_logger("pbx_bridge.ami")
 
@@ -135,21 +135,24 @@ class AmiClient:
 
     async def run(self) -> None:
         """Keep a logged-in session until `stop()`; reconnect after any failure."""
-        backoff = 0.5
+        backoff = Backoff(0.5, self._reconnect_max)
         while not self._stopping.is_set():
+            failure: Exception | None = None
             try:
                 await self._session()
-                backoff = 0.5
+                backoff.reset()  # the session had logged in: retry soon
             except (OSError, TimeoutError, AmiError) as exc:
-                log.warning("ami_unavailable", host=self._host, port=self._port,
-                            error=str(exc) or type(exc).__name__, retry_in=round(backoff, 2))
+                failure = exc
             self.connected.clear()
             if self._stopping.is_set():
                 break
+            delay = backoff.next_delay()
+            if failure is not None:
+                log.warning("ami_unavailable", host=self._host, port=self._port,
+                            error=str(failure) or type(failure).__name__, retry_in=round(delay, 2))
             self.reconnects += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff * random.uniform(0.8, 1.2))  # noqa: S311
-            backoff = min(backoff * 2, self._reconnect_max)
+                await asyncio.wait_for(self._stopping.wait(), delay)
 
     def stop(self) -> None:
         """End the session and make `run` return."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, fields
@@ -23,6 +22,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from pbx_bridge.backoff import Backoff
 from pbx_bridge.tracker.model import CallEnded, CallLeg, CallRecord, CallStarted, Disposition, RecordWrite
 
 log = structlog.get_logger("pbx_bridge.writer")
@@ -176,7 +176,7 @@ class CallWriter:
 
     async def run(self, shutdown_timeout: float = 10.0) -> None:
         """Write batches until stopped; then flush, spooling whatever could not be written."""
-        backoff = 0.2
+        backoff = Backoff(0.2, self._max_backoff)
         deadline: float | None = None
         while True:
             if self._stopping and deadline is None:
@@ -196,10 +196,10 @@ class CallWriter:
                 await self._drop_connection()
                 if deadline is not None and time.monotonic() >= deadline:
                     break
+                delay = backoff.next_delay()
                 log.warning("database_write_failed", error=str(exc) or type(exc).__name__,
-                            pending=len(self._pending), retry_in=round(backoff, 2))
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not crypto
-                backoff = min(backoff * 2, self._max_backoff)
+                            pending=len(self._pending), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
                 continue
             except asyncpg.PostgresError:
                 # Not a connectivity problem: find the decisions the database refuses,
@@ -208,7 +208,7 @@ class CallWriter:
             del self._pending[: len(batch)]
             self.written += len(batch)
             self.oldest_pending_since = time.monotonic() if self._pending else None
-            backoff = 0.2
+            backoff.reset()
         self._spool_remaining()
         await self._drop_connection(failed=False)
 

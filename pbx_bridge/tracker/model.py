@@ -26,13 +26,13 @@ class CallLeg:
     uniqueid: str
     channel: str
     endpoint: str
-    dial_started_at: datetime | None
-    ring_started_at: datetime | None
-    answered_at: datetime | None
-    ended_at: datetime | None
-    dial_status: str | None
-    hangup_cause: int | None
-    hangup_cause_text: str | None
+    dial_started_at: datetime | None = None
+    ring_started_at: datetime | None = None
+    answered_at: datetime | None = None
+    ended_at: datetime | None = None
+    dial_status: str | None = None
+    hangup_cause: int | None = None
+    hangup_cause_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,23 +40,6 @@ class TrackerSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class LegState:
-    """What is known so far about one outbound channel of a call."""
-
-    uniqueid: str
-    channel: str
-    endpoint: str
-    created_at: datetime
-    dial_started_at: datetime | None = None
-    ring_started_at: datetime | None = None
-    answered_at: datetime | None = None
-    ended_at: datetime | None = None
-    dial_status: str | None = None
-    hangup_cause: int | None = None
-    hangup_cause_text: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class CallState:
     """What is known so far about one call in progress."""
 
@@ -67,7 +50,7 @@ class CallState:
     caller_number: str
     caller_name: str
     started_at: datetime
-    legs: Mapping[str, LegState] = field(default_factory=dict)
+    legs: Mapping[str, CallLeg] = field(default_factory=dict)
     live_channels: frozenset[str] = frozenset()
     answered_leg: str | None = None
     caller_hung_up_at: datetime | None = None
@@ -125,7 +108,7 @@ def apply(
         return state, []
     if updated.inbound_ended_at is not None and not updated.live_channels:
         calls = {k: v for k, v in state.calls.items() if k != linkedid}
-        legs = tuple(_leg_row(updated.linkedid, leg) for leg in updated.legs.values())
+        legs = tuple(updated.legs.values())
         return replace(state, calls=calls), [CallEnded(_record(updated, settings), legs)]
     return replace(state, calls={**state.calls, linkedid: updated}), []
 
@@ -188,7 +171,7 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
         channel = event.get("Channel")
         if inbound or channel.startswith("Local/"):
             return replace(call, live_channels=live)
-        leg = LegState(uniqueid=uniqueid, channel=channel, endpoint=endpoint_of(channel), created_at=when)
+        leg = CallLeg(linkedid=call.linkedid, uniqueid=uniqueid, channel=channel, endpoint=endpoint_of(channel))
         return replace(call, live_channels=live, legs={**call.legs, uniqueid: leg})
 
     if name == "NewCallerid" and inbound:
@@ -231,11 +214,11 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
     return call
 
 
-def _ringing(leg: LegState, when: datetime) -> LegState:
+def _ringing(leg: CallLeg, when: datetime) -> CallLeg:
     return leg if leg.ring_started_at else replace(leg, ring_started_at=when)
 
 
-def _update_leg(call: CallState, uniqueid: str, change: Callable[[LegState], LegState]) -> CallState:
+def _update_leg(call: CallState, uniqueid: str, change: Callable[[CallLeg], CallLeg]) -> CallState:
     leg = call.legs.get(uniqueid)
     if leg is None:
         return call
@@ -295,20 +278,4 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
         talk_seconds=_seconds(answered_at, talk_end),
         hangup_cause=call.hangup_cause,
         hangup_cause_text=call.hangup_cause_text,
-    )
-
-
-def _leg_row(linkedid: str, leg: LegState) -> CallLeg:
-    return CallLeg(
-        linkedid=linkedid,
-        uniqueid=leg.uniqueid,
-        channel=leg.channel,
-        endpoint=leg.endpoint,
-        dial_started_at=leg.dial_started_at,
-        ring_started_at=leg.ring_started_at,
-        answered_at=leg.answered_at,
-        ended_at=leg.ended_at,
-        dial_status=leg.dial_status,
-        hangup_cause=leg.hangup_cause,
-        hangup_cause_text=leg.hangup_cause_text,
     )
