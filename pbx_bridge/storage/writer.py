@@ -176,7 +176,7 @@ class CallWriter:
 
     async def run(self, shutdown_timeout: float = 10.0) -> None:
         """Write batches until stopped; then flush, spooling whatever could not be written."""
-        backoff = Backoff(0.2, self._max_backoff)
+        backoff = Backoff(min(0.2, self._max_backoff), self._max_backoff)
         deadline: float | None = None
         while True:
             if self._stopping and deadline is None:
