@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 import structlog
@@ -42,6 +42,17 @@ def _check_config(settings: Settings) -> None:
     limit = settings.ring.max_rings * settings.ring.period_seconds
     print(f"  ring limit      {settings.ring.max_rings} rings x {settings.ring.period_seconds:g} s "
           f"(answered within {limit:g} s)")
+    schedule = settings.hours.schedule(settings.zone)
+    print(f"  today           {schedule.day(now.date()).describe()}")
+    state = "OPEN (agents ring)" if schedule.is_open(now) else "CLOSED (after hours)"
+    boundary = schedule.next_boundary(now)
+    until = f", until {boundary:%Y-%m-%d %H:%M %a}" if boundary else ""
+    print(f"  now             {state}{until}")
+    print("  next days       " + "\n                  ".join(
+        schedule.day(now.date() + timedelta(days=d)).describe() for d in range(1, 4)))
+    if not schedule.day(now.date()).calendar_known:
+        print(f"  WARNING         the holiday calendar has no data for {now.year}: weekly hours only "
+              "(upgrade the chinesecalendar package)")
     print(f"  ops API         {settings.api.listen}")
     print(f"  spool           {settings.database.spool_path}")
 

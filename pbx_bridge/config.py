@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -17,6 +18,16 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_validator,
+)
+
+from pbx_bridge.schedule import (
+    WEEKDAYS,
+    ChinaCalendar,
+    HolidayCalendar,
+    NoHolidays,
+    Override,
+    Schedule,
+    parse_hours,
 )
 
 DEFAULT_PATH = Path("/etc/pbx-bridge/pbx-bridge.toml")
@@ -125,6 +136,64 @@ class RingSettings(Section):
     max_rings: int = Field(default=3, ge=1, le=50)
 
 
+DEFAULT_DAY = ["09:00-12:00", "13:00-17:30"]
+
+
+def _hours(value: list[str]) -> list[str]:
+    parse_hours(value)  # raises ValueError naming the bad entry
+    return value
+
+
+class OverrideSettings(Section):
+    """One [[hours.overrides]] entry: other hours on one date (empty list = closed)."""
+
+    date: date
+    hours: list[str] = []
+    reason: str = Field(default="local override", max_length=200)
+
+    _check = field_validator("hours")(_hours)
+
+
+class WeeklyHours(Section):
+    """[hours.weekly]: opening hours per weekday (default Mon-Fri 09:00-12:00 and 13:00-17:30)."""
+
+    mon: list[str] = DEFAULT_DAY
+    tue: list[str] = DEFAULT_DAY
+    wed: list[str] = DEFAULT_DAY
+    thu: list[str] = DEFAULT_DAY
+    fri: list[str] = DEFAULT_DAY
+    sat: list[str] = []
+    sun: list[str] = []
+
+    _check = field_validator(*WEEKDAYS)(_hours)
+
+
+class HoursSettings(Section):
+    """[hours]: the weekly schedule, the holiday calendar, and local overrides."""
+
+    calendar: Literal["cn", "none"] = "cn"
+    weekly: WeeklyHours = WeeklyHours()
+    adjusted_workday: list[str] = DEFAULT_DAY  # hours on a weekend day the calendar makes a working day
+    overrides: list[OverrideSettings] = []
+
+    _check = field_validator("adjusted_workday")(_hours)
+
+    @field_validator("overrides")
+    @classmethod
+    def _unique_dates(cls, overrides: list[OverrideSettings]) -> list[OverrideSettings]:
+        days = [o.date for o in overrides]
+        if len(set(days)) != len(days):
+            raise ValueError("two overrides for the same date")
+        return overrides
+
+    def schedule(self, zone: ZoneInfo) -> Schedule:
+        """The effective schedule these settings describe."""
+        weekly = {day: parse_hours(getattr(self.weekly, day)) for day in WEEKDAYS}
+        calendar: HolidayCalendar = ChinaCalendar() if self.calendar == "cn" else NoHolidays()
+        overrides = [Override(o.date, parse_hours(o.hours), o.reason) for o in self.overrides]
+        return Schedule(weekly, parse_hours(self.adjusted_workday), calendar, overrides, zone)
+
+
 class ApiSettings(Section):
     """[api]: the ops HTTP API."""
 
@@ -156,6 +225,7 @@ class Settings(Section):
     database: DatabaseSettings
     hotline: HotlineSettings
     ring: RingSettings = RingSettings()
+    hours: HoursSettings = HoursSettings()
     api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
 
