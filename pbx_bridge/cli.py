@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import structlog
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="run the daemon in the foreground")
     commands.add_parser("migrate", parents=[common], help="apply the SQL migrations (idempotent)")
     commands.add_parser("check-config", parents=[common], help="validate the configuration and print it")
+    dialplan = commands.add_parser("dialplan", parents=[common],
+                                   help="write extensions_generated.conf (the dialplan's static fallback)")
+    dialplan.add_argument("--output", metavar="FILE", help="write here instead of standard output")
     return parser
 
 
@@ -57,6 +61,20 @@ def _check_config(settings: Settings) -> None:
     print(f"  spool           {settings.database.spool_path}")
 
 
+def _dialplan(settings: Settings, output: str | None, source: str) -> None:
+    from pbx_bridge.dialplan import render
+
+    text = render(settings, source)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    target = Path(output)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(target)  # Asterisk never reads a half-written file
+    print(f"wrote {target}")
+
+
 async def _migrate(settings: Settings) -> None:
     conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
     try:
@@ -79,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "check-config":
             _check_config(settings)
+        elif args.command == "dialplan":
+            _dialplan(settings, args.output, str(config_path(args.config)))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
         elif args.command == "run":

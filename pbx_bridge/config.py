@@ -112,6 +112,10 @@ class HotlineSettings(Section):
 
     numbers: Annotated[list[str], Field(min_length=1)]
     trunk: str = "carrier"
+    # The dialplan trusts pbx-bridge's routing state in AstDB for this long, then falls back
+    # to the static schedule; pbx-bridge refreshes it every state_refresh_seconds.
+    state_max_age_seconds: int = Field(default=180, ge=30, le=3600)
+    state_refresh_seconds: int = Field(default=60, ge=5, le=1800)
 
     @field_validator("numbers")
     @classmethod
@@ -130,10 +134,32 @@ class HotlineSettings(Section):
 
 
 class RingSettings(Section):
-    """[ring]: the ring cadence and the limit (China: 1 s on, 4 s off; three rings)."""
+    """[ring]: the ring cadence, the limit (China: 1 s on, 4 s off; three rings), and escalation."""
 
     period_seconds: float = Field(default=5.0, gt=0, le=60)
     max_rings: int = Field(default=3, ge=1, le=50)
+    escalation_seconds: float = Field(default=20.0, gt=0, le=600)  # every hotline phone rings this long
+    escalate_to_mobile: bool = True  # then the duty mobile, then voicemail
+
+    @property
+    def limit_seconds(self) -> float:
+        """Ringing this long means the limit has passed (max_rings x period)."""
+        return self.max_rings * self.period_seconds
+
+
+class DutySettings(Section):
+    """[duty]: the duty mobile (客服手机) that takes after-hours calls; the roster table overrides it."""
+
+    mobile: str | None = None
+    holder: str = Field(default="", max_length=100)
+    ring_seconds: float = Field(default=25.0, gt=0, le=300)
+
+    @field_validator("mobile")
+    @classmethod
+    def _mobile(cls, mobile: str | None) -> str | None:
+        if mobile is not None and not PHONE_NUMBER.match(mobile):
+            raise ValueError(f"{mobile!r} is not a phone number (3 to 20 digits)")
+        return mobile
 
 
 DEFAULT_DAY = ["09:00-12:00", "13:00-17:30"]
@@ -226,6 +252,7 @@ class Settings(Section):
     hotline: HotlineSettings
     ring: RingSettings = RingSettings()
     hours: HoursSettings = HoursSettings()
+    duty: DutySettings = DutySettings()
     api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
 

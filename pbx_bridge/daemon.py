@@ -17,6 +17,7 @@ import structlog
 from pbx_bridge.ami.client import AmiClient
 from pbx_bridge.ami.wire import AmiMessage
 from pbx_bridge.config import Settings
+from pbx_bridge.routing import Clock, RoutingPublisher
 from pbx_bridge.storage.writer import CallWriter
 from pbx_bridge.tracker import (
     CallEnded,
@@ -96,8 +97,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     writer.replay_spool()
     queue: asyncio.Queue[TrackerInput] = asyncio.Queue()
 
-    async def snapshot_channels(client: AmiClient) -> None:
-        """After every login: tell the tracker which channels exist (events may have been missed)."""
+    publisher: RoutingPublisher | None = None
+
+    async def after_login(client: AmiClient) -> None:
+        """After every login: publish the routing state, and tell the tracker which channels
+        exist (events may have been missed while disconnected)."""
+        if publisher is not None:
+            await publisher.publish()
         listing = await client.send_action({"Action": "CoreShowChannels"}, as_list=True)
         uniqueids = frozenset(item.get("Uniqueid") for item in listing if item.get("Event") == "CoreShowChannel")
         queue.put_nowait(ChannelSnapshot(uniqueids))
@@ -108,8 +114,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         secret=settings.ami.resolved_secret().get_secret_value(), on_event=queue.put_nowait,
         connect_timeout=settings.ami.connect_timeout_seconds,
         ping_interval=settings.ami.ping_interval_seconds, ping_timeout=settings.ami.ping_timeout_seconds,
-        reconnect_max=settings.ami.reconnect_max_seconds, on_session=snapshot_channels,
+        reconnect_max=settings.ami.reconnect_max_seconds, on_session=after_login,
     )
+    publisher = RoutingPublisher(ami, settings.hours.schedule(settings.zone), settings.duty,
+                                 Clock.from_environment(), lambda: asyncpg.connect(dsn),
+                                 settings.hotline.state_refresh_seconds)
+    if settings.duty.mobile is None:
+        log.warning("no_duty_mobile", effect="after-hours calls go to voicemail", fix="set [duty] mobile")
     log.info("pbx_bridge_starting", ami=f"{settings.ami.host}:{settings.ami.port}",
              hotline=settings.hotline.numbers, trunk=settings.hotline.trunk)
     try:
@@ -117,8 +128,10 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             tasks.create_task(ami.run(), name="ami")
             tasks.create_task(consume(queue, tracker_settings(settings), writer), name="tracker")
             tasks.create_task(writer.run(), name="writer")
+            tasks.create_task(publisher.run(), name="routing")
             await stop.wait()
             log.info("pbx_bridge_stopping")
+            publisher.stop()
             ami.stop()
             queue.put_nowait(_STOP)
             writer.stop()

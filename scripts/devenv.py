@@ -67,6 +67,12 @@ trunk = "{settings["trunk"]}"
 [ring]
 period_seconds = 5.0
 max_rings = 3
+escalation_seconds = 20
+
+[duty]
+mobile = "{settings["duty_mobile"]}"
+holder = "{settings["duty_holder"]}"
+ring_seconds = 25
 
 [api]
 listen = "127.0.0.1:18400"
@@ -84,7 +90,12 @@ def up() -> None:
     config = write_config()
     # Migrations first: cel_pgsql reads the cel table's columns only when Asterisk loads it.
     run([str(VENV_BIN / "pbx-bridge"), "migrate", "--config", str(config)])
-    run([*SANDBOX, "start", "--state", str(STATE / "sandbox"), "--pg-port", PG_PORT, "--pg-db", DB_NAME])
+    generated = STATE / "pbx-generated"
+    generated.mkdir(exist_ok=True)
+    run([str(VENV_BIN / "pbx-bridge"), "dialplan", "--config", str(config),
+         "--output", str(generated / "extensions_generated.conf")])
+    run([*SANDBOX, "start", "--state", str(STATE / "sandbox"), "--pg-port", PG_PORT, "--pg-db", DB_NAME,
+         "--extra", str(generated)])
     print(f"devenv: ready. config {config}; database {dsn()}")
 
 

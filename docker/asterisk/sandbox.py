@@ -51,7 +51,9 @@ DEFAULTS: dict[str, object] = {
     "hotline_numbers": ["4008001234", "4008005678"],
     "other_number": "02584001234",
     "trunk": "carrier",
-    "phones": ["agent101", "agent102", "reception"],
+    "phones": ["agent101", "agent102", "agent103", "reception"],
+    "duty_mobile": "13900139000",
+    "duty_holder": "值班员小王",
     "pbx_rtp": [30000, 30999],
     "world_rtp": [31000, 31999],
 }
@@ -172,7 +174,7 @@ def substitutions(name: str, s: dict[str, object], pg: dict[str, str]) -> dict[s
     }
 
 
-def install_config(root: Path, name: str, values: dict[str, str]) -> Path:
+def install_config(root: Path, name: str, values: dict[str, str], extra: Path | None = None) -> Path:
     """Write one instance's configuration directory inside the chroot."""
     base = root / INSTANCE_ROOT.lstrip("/") / name
     etc = base / "etc"
@@ -181,6 +183,8 @@ def install_config(root: Path, name: str, values: dict[str, str]) -> Path:
         (base / sub).mkdir(parents=True, exist_ok=True)
     sources = [HERE / "common"]
     sources += [REPO / "dialplan", HERE / "pbx-site"] if name == "pbx" else [HERE / "world"]
+    if name == "pbx" and extra is not None:
+        sources.append(extra)  # e.g. extensions_generated.conf from `pbx-bridge dialplan`
     for source in sources:
         for path in sorted(source.iterdir()):
             if path.suffix == ".md" or not path.is_file():
@@ -261,7 +265,7 @@ def check_ports_free(settings: dict[str, object]) -> None:
                          "(`make down` in that checkout, or `asterisk -rx 'core stop now'` for it)")
 
 
-def start(state: Path, pg: dict[str, str]) -> None:
+def start(state: Path, pg: dict[str, str], extra: Path | None = None) -> None:
     """Stop anything this state directory started, render configuration, start, wait."""
     root = build()
     settings = load_settings(state)
@@ -270,7 +274,7 @@ def start(state: Path, pg: dict[str, str]) -> None:
     check_ports_free(settings)
     isolate_name_service(root)
     for name in INSTANCES:
-        base = install_config(root, name, substitutions(name, settings, pg))
+        base = install_config(root, name, substitutions(name, settings, pg), extra)
         log = (state / f"{name}.console.log").open("ab")
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PGCLIENTENCODING": "UTF8", "TZ": "UTC"}
         process = subprocess.Popen(
@@ -306,6 +310,7 @@ def main() -> None:
             p.add_argument("--pg-db", default="pbx_bridge")
             p.add_argument("--pg-user", default="postgres")
             p.add_argument("--pg-password", default="")
+            p.add_argument("--extra", type=Path, help="more configuration files for pbx (generated ones)")
         if command == "cli":
             p.add_argument("instance", choices=INSTANCES)
             p.add_argument("cli_command")
@@ -315,7 +320,7 @@ def main() -> None:
     elif args.command == "start":
         pg = {"host": args.pg_host, "port": args.pg_port, "db": args.pg_db,
               "user": args.pg_user, "password": args.pg_password}
-        start(args.state.resolve(), pg)
+        start(args.state.resolve(), pg, args.extra.resolve() if args.extra else None)
     elif args.command == "stop":
         require_root()
         for name in INSTANCES:

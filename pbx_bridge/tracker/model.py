@@ -58,6 +58,10 @@ class CallRecord:
     hangup_cause_text: str | None
     is_probe: bool = False
     after_hours: bool | None = None
+    answered_stage: str | None = None  # group | escalation | mobile
+    forwarded_to: str | None = None  # the duty mobile dialled
+    duty_holder: str | None = None
+    needs_call_sheet: bool = False  # answered on the mobile: the sheet is filled in afterwards
     source: str = "ami"
 
 

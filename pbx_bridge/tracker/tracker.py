@@ -7,6 +7,7 @@ DID is a hotline number; every other channel is ignored.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -27,6 +28,8 @@ from pbx_bridge.tracker.rings import rings_heard, within_ring_limit
 CHANNEL_STATE_RING = "4"  # inbound channel offered to Asterisk
 CHANNEL_STATE_RINGING = "5"  # outbound channel ringing at the far end
 RINGING_DIAL_STATUSES = frozenset({"RINGING", "PROGRESS"})
+KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail"})
+ANSWERING_STAGES = frozenset({"group", "escalation", "mobile"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,10 @@ class CallState:
     legs: Mapping[str, CallLeg] = field(default_factory=dict)
     live_channels: frozenset[str] = frozenset()
     answered_leg: str | None = None
+    answered_stage: str | None = None
+    stages: tuple[str, ...] = ()  # as the dialplan announced them (UserEvent HotlineStage)
+    forwarded_to: str | None = None
+    duty_holder: str | None = None
     caller_hung_up_at: datetime | None = None
     inbound_ended_at: datetime | None = None
     hangup_cause: int | None = None
@@ -174,6 +181,15 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
         leg = CallLeg(linkedid=call.linkedid, uniqueid=uniqueid, channel=channel, endpoint=endpoint_of(channel))
         return replace(call, live_channels=live, legs={**call.legs, uniqueid: leg})
 
+    if name == "UserEvent" and event.get("UserEvent") == "HotlineStage" and inbound:
+        stage = event.get("Stage")
+        if stage not in KNOWN_STAGES:
+            return call
+        if stage == "mobile":
+            return replace(call, stages=(*call.stages, stage), forwarded_to=event.get("Mobile") or None,
+                           duty_holder=_b64_text(event.get("HolderB64")) or None)
+        return replace(call, stages=(*call.stages, stage))
+
     if name == "NewCallerid" and inbound:
         return replace(call, caller_number=event.get("CallerIDNum"),
                        caller_name=_caller_name(event.get("CallerIDName")))
@@ -194,7 +210,8 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
         updated = _update_leg(call, dest, lambda leg: replace(
             leg, dial_status=status, answered_at=when if status == "ANSWER" else leg.answered_at))
         if status == "ANSWER" and dest in call.legs and call.answered_leg is None:
-            updated = replace(updated, answered_leg=dest)
+            current = call.stages[-1] if call.stages and call.stages[-1] in ANSWERING_STAGES else None
+            updated = replace(updated, answered_leg=dest, answered_stage=current)
         return updated
 
     if name == "HangupRequest" and inbound and call.caller_hung_up_at is None:
@@ -214,6 +231,14 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
     return call
 
 
+def _b64_text(value: str) -> str:
+    """Decode a base64 UTF-8 value from the dialplan; '' if it is not one."""
+    try:
+        return base64.b64decode(value, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
 def _ringing(leg: CallLeg, when: datetime) -> CallLeg:
     return leg if leg.ring_started_at else replace(leg, ring_started_at=when)
 
@@ -228,12 +253,18 @@ def _update_leg(call: CallState, uniqueid: str, change: Callable[[CallLeg], Call
     return replace(call, legs={**call.legs, uniqueid: new_leg})
 
 
+def _agent_legs(call: CallState) -> list[CallLeg]:
+    """The legs to the agents' phones (not the forward to the duty mobile on the trunk)."""
+    return [leg for leg in call.legs.values() if leg.endpoint != call.trunk]
+
+
 def _ring_started_at(call: CallState) -> datetime | None:
     """First agent leg ringing; the first DialBegin if no leg ever reported ringing."""
-    ringing = [leg.ring_started_at for leg in call.legs.values() if leg.ring_started_at]
+    legs = _agent_legs(call)
+    ringing = [leg.ring_started_at for leg in legs if leg.ring_started_at]
     if ringing:
         return min(ringing)
-    dialled = [leg.dial_started_at for leg in call.legs.values() if leg.dial_started_at]
+    dialled = [leg.dial_started_at for leg in legs if leg.dial_started_at]
     return min(dialled) if dialled else None
 
 
@@ -241,9 +272,13 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
     """The call's record as far as it is known (final once the call has ended)."""
     answered = call.legs.get(call.answered_leg) if call.answered_leg else None
     answered_at = answered.answered_at if answered else None
+    on_mobile = answered is not None and answered.endpoint == call.trunk
     ended_at = call.inbound_ended_at
     ring_started_at = _ring_started_at(call)
-    ring_seconds = _seconds(ring_started_at, answered_at or ended_at)  # None while still ringing
+    # Ring time is time at the agents' phones: until an agent answered, or until the
+    # agents stopped ringing (the call went on to the mobile) or the call ended.
+    agent_ring_end = answered_at if answered is not None and not on_mobile else _agents_stopped(call) or ended_at
+    ring_seconds = _seconds(ring_started_at, agent_ring_end)  # None while still ringing
     rings = rings_heard(ring_seconds, settings.ring_period_seconds) if ring_seconds is not None else None
     talk_end = None
     if answered is not None:
@@ -252,8 +287,14 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
 
     disposition: Disposition | None = None
     if ended_at is not None:
-        if answered is not None:
+        if on_mobile:
+            disposition = Disposition.FORWARDED
+        elif answered is not None:
             disposition = Disposition.ANSWERED
+        elif "voicemail" in call.stages:
+            disposition = Disposition.VOICEMAIL
+        elif "mobile" in call.stages:
+            disposition = Disposition.FORWARD_MISSED
         elif call.caller_hung_up_at is not None:
             disposition = Disposition.ABANDONED
         else:
@@ -272,10 +313,30 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
         ring_seconds=ring_seconds,
         rings=rings,
         within_ring_limit=within_ring_limit(
-            ring_seconds, answered is not None, settings.ring_period_seconds, settings.max_rings),
-        answered_by=answered.endpoint if answered else None,
+            ring_seconds, answered is not None and not on_mobile, settings.ring_period_seconds, settings.max_rings),
+        answered_by=_answered_by(call, answered, on_mobile),
         disposition=disposition,
         talk_seconds=_seconds(answered_at, talk_end),
         hangup_cause=call.hangup_cause,
         hangup_cause_text=call.hangup_cause_text,
+        after_hours=(call.stages[0] == "after_hours") if call.stages else None,
+        answered_stage=call.answered_stage,
+        forwarded_to=call.forwarded_to,
+        duty_holder=call.duty_holder,
+        needs_call_sheet=on_mobile,
     )
+
+
+def _answered_by(call: CallState, answered: CallLeg | None, on_mobile: bool) -> str | None:
+    """The phone that answered: an agent's endpoint, or the duty mobile's number."""
+    if answered is None:
+        return None
+    return (call.forwarded_to or answered.endpoint) if on_mobile else answered.endpoint
+
+
+def _agents_stopped(call: CallState) -> datetime | None:
+    """When the last agent leg ended, if every agent leg has ended and the call went on."""
+    legs = _agent_legs(call)
+    if not legs or any(leg.ended_at is None for leg in legs) or "mobile" not in call.stages:
+        return None
+    return max(leg.ended_at for leg in legs if leg.ended_at is not None)

@@ -48,16 +48,20 @@ async def test_agent_answers_after_7s_and_talks_4s(bridge: BridgeProcess, devenv
 
 
 async def test_agent_answers_after_17s_breaches_the_ring_limit(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    # The group rings 15 s (three rings), then escalation rings every phone; agent103, a phone
+    # only in the escalation, answers 2 s into it: 17 s of ringing in all.
     number = new_caller_number()
     async with connect_world(devenv) as world:
         await world.set_phone(number, "agent101", IGNORE)
-        await world.set_phone(number, "agent102", answer(17, 1))
+        await world.set_phone(number, "agent102", IGNORE)
+        await world.set_phone(number, "agent103", answer(2, 1))
         await world.call(devenv.hotline_numbers[0], number, "李四")
     row = await one_call(devenv.dsn, number, timeout=35)
     assert row["disposition"] == "answered"
     assert row["rings"] == 4
     assert row["within_ring_limit"] is False
-    assert row["answered_by"] == "agent102"
+    assert row["answered_by"] == "agent103"
+    assert row["answered_stage"] == "escalation"
     assert float(row["ring_seconds"]) == pytest.approx(17, abs=0.5)
 
 

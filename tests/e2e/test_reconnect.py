@@ -27,7 +27,8 @@ def pbx_pid() -> int:
 def restart_sandbox() -> None:
     port = os.environ.get("PBX_BRIDGE_PG_PORT", "15432")
     subprocess.run([sys.executable, str(REPO / "docker" / "asterisk" / "sandbox.py"), "start", "--state",
-                    str(STATE / "sandbox"), "--pg-port", port], check=True, capture_output=True)
+                    str(STATE / "sandbox"), "--pg-port", port, "--extra", str(STATE / "pbx-generated")],
+                   check=True, capture_output=True)
 
 
 async def talking_call(bridge: BridgeProcess, devenv: DevEnv, talk: float) -> tuple[str, str]:

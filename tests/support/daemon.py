@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -17,8 +18,10 @@ from tests.support.env import REPO
 class BridgeProcess:
     """`pbx-bridge run --config PATH` as a child process; its stderr log lines are collected."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, business_time: str | None = None) -> None:
+        """`business_time`: start pbx-bridge's business clock there (PBX_BRIDGE_FAKE_NOW)."""
         self.config = config
+        self.env = {**os.environ, **({"PBX_BRIDGE_FAKE_NOW": business_time} if business_time else {})}
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._lock = threading.Lock()
@@ -29,10 +32,11 @@ class BridgeProcess:
         """Start the daemon and wait until it has logged in to AMI."""
         self._process = subprocess.Popen(
             [str(REPO / ".venv" / "bin" / "pbx-bridge"), "run", "--config", str(self.config)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.wait_for("ami_connected", timeout)
+        self.wait_for("routing_state_published", timeout)
 
     def _read(self) -> None:
         assert self._process is not None and self._process.stderr is not None

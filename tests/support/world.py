@@ -65,6 +65,7 @@ class World:
         await self.action({
             "Action": "Originate", "Channel": f"Local/{did}@outside-caller/n",
             "Application": "Wait", "Data": "3600", "Async": "true", "Variable": variables,
+            "Timeout": "3600000",  # Originate's own 30 s default would hang up long-ringing callers
         })
 
 

@@ -1,0 +1,163 @@
+"""The routing state the dialplan reads from AstDB (family `pbx-bridge`): open or closed now,
+the duty mobile and who holds it, and a heartbeat so the dialplan can tell when it is stale.
+
+pbx-bridge publishes it at start, after every AMI login, at every open/closed boundary, and
+every `state_refresh_seconds`. If pbx-bridge stops, the heartbeat ages and the dialplan falls
+back to the static schedule generated from the same configuration (`pbx-bridge dialplan`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import structlog
+
+from pbx_bridge.ami.client import AmiClient, AmiError
+from pbx_bridge.config import DutySettings
+from pbx_bridge.dialplan import b64
+from pbx_bridge.schedule import Schedule
+
+log = structlog.get_logger("pbx_bridge.routing")
+
+ASTDB_FAMILY = "pbx-bridge"
+FAKE_NOW_ENV = "PBX_BRIDGE_FAKE_NOW"
+
+
+class Clock:
+    """Business time: the wall clock, or (for tests only) a clock started at $PBX_BRIDGE_FAKE_NOW."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._offset = (start - datetime.now(UTC)) if start is not None else timedelta(0)
+        self.faked = start is not None
+
+    @classmethod
+    def from_environment(cls) -> Clock:
+        """Honour PBX_BRIDGE_FAKE_NOW (ISO 8601 with offset), loudly."""
+        raw = os.environ.get(FAKE_NOW_ENV)
+        if not raw:
+            return cls()
+        start = datetime.fromisoformat(raw)
+        if start.tzinfo is None:
+            raise ValueError(f"{FAKE_NOW_ENV} needs a UTC offset, e.g. 2026-11-24T09:30:00+08:00")
+        log.warning("clock_faked_for_testing", starts_at=start.isoformat(), variable=FAKE_NOW_ENV)
+        return cls(start)
+
+    def now(self) -> datetime:
+        """The current business time (aware, UTC)."""
+        return datetime.now(UTC) + self._offset
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingState:
+    """Where hotline calls go right now."""
+
+    open: bool
+    mobile: str | None
+    holder: str
+    reason: str
+
+
+def routing_state(schedule: Schedule, now: datetime, duty: DutySettings,
+                  rostered: tuple[str, str] | None) -> RoutingState:
+    """Open or closed at `now`, and the duty mobile: the roster's, else the configured one."""
+    holder, mobile = rostered if rostered is not None else (duty.holder, duty.mobile)
+    day = schedule.day(now.astimezone(schedule.zone).date())
+    return RoutingState(open=schedule.is_open(now), mobile=mobile, holder=holder or "", reason=day.reason)
+
+
+async def rostered_duty(conn: asyncpg.Connection, now: datetime) -> tuple[str, str] | None:
+    """(holder, mobile) of the roster entry covering `now`, the latest-starting one if several."""
+    row = await conn.fetchrow(
+        "SELECT holder, mobile FROM duty_roster WHERE starts_at <= $1 AND ends_at > $1 "
+        "ORDER BY starts_at DESC, id DESC LIMIT 1", now)
+    return (row["holder"], row["mobile"]) if row is not None else None
+
+
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+
+class RoutingPublisher:
+    """Keeps the AstDB routing state fresh; one owned task (`run`), plus `publish` on AMI login."""
+
+    def __init__(self, ami: AmiClient, schedule: Schedule, duty: DutySettings, clock: Clock, connect: Connect,
+                 refresh_seconds: float) -> None:
+        self._ami = ami
+        self._schedule = schedule
+        self._duty = duty
+        self._clock = clock
+        self._connect = connect
+        self._refresh = refresh_seconds
+        self._stopping = asyncio.Event()
+        self._warned_calendar_on: str | None = None
+        self.current: RoutingState | None = None
+        self.published_at: float | None = None
+
+    def stop(self) -> None:
+        """Make `run` return."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Publish whenever connected: at each boundary and every refresh interval."""
+        while not self._stopping.is_set():
+            if not self._ami.connected.is_set():
+                await self._wait(1.0)
+                continue
+            try:
+                await self.publish()
+            except AmiError as exc:
+                log.warning("routing_state_not_published", error=str(exc))
+                await self._wait(2.0)
+                continue
+            now = self._clock.now()
+            boundary = self._schedule.next_boundary(now)
+            until_boundary = (boundary - now).total_seconds() + 0.05 if boundary else self._refresh
+            await self._wait(max(0.05, min(self._refresh, until_boundary)))
+
+    async def publish(self) -> RoutingState:
+        """Compute the state now and write it to AstDB (open, mobile, holder, heartbeat)."""
+        now = self._clock.now()
+        state = routing_state(self._schedule, now, self._duty, await self._roster(now))
+        self._warn_if_calendar_missing(now)
+        for key, value in (("open", "1" if state.open else "0"), ("mobile", state.mobile or ""),
+                           ("holder_b64", b64(state.holder)), ("updated", str(int(time.time())))):
+            response = await self._ami.send_action(
+                {"Action": "DBPut", "Family": ASTDB_FAMILY, "Key": key, "Val": value})
+            if response.get("Response") != "Success":
+                raise AmiError(f"DBPut {key} refused: {response.get('Message')}")
+        if state != self.current:
+            log.info("routing_state_published", open=state.open, mobile=state.mobile, holder=state.holder,
+                     reason=state.reason, business_time=now.astimezone(self._schedule.zone).isoformat())
+        self.current = state
+        self.published_at = time.monotonic()
+        return state
+
+    async def _roster(self, now: datetime) -> tuple[str, str] | None:
+        try:
+            conn = await asyncio.wait_for(self._connect(), 5)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            log.warning("duty_roster_unavailable", error=str(exc) or type(exc).__name__,
+                        fallback_mobile=self._duty.mobile)
+            return None
+        try:
+            return await rostered_duty(conn, now)
+        finally:
+            await conn.close()
+
+    def _warn_if_calendar_missing(self, now: datetime) -> None:
+        today = now.astimezone(self._schedule.zone).date()
+        if not self._schedule.day(today).calendar_known and self._warned_calendar_on != today.isoformat():
+            self._warned_calendar_on = today.isoformat()
+            log.error("holiday_calendar_missing_year", year=today.year,
+                      effect="weekly hours only: statutory holidays and 调休 are not applied",
+                      fix="upgrade the chinesecalendar package")
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
