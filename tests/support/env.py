@@ -33,6 +33,14 @@ class DevEnv:
     def other_number(self) -> str:
         return str(self.sandbox["other_number"])
 
+    @property
+    def duty_mobile(self) -> str:
+        return str(self.sandbox["duty_mobile"])
+
+    @property
+    def duty_holder(self) -> str:
+        return str(self.sandbox["duty_holder"])
+
 
 def load_devenv() -> DevEnv:
     """Read the environment `make env` created; fail loudly (never skip) if it is absent."""

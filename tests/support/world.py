@@ -69,18 +69,44 @@ class World:
         })
 
 
+class PbxAdmin(World):
+    """The sandbox's own superuser on the pbx under test (for tests to poke at AstDB and globals)."""
+
+    async def delete_routing_state(self) -> None:
+        await self._client.send_action({"Action": "DBDelTree", "Family": "pbx-bridge"})
+
+    async def put(self, family: str, key: str, value: str) -> None:
+        await self.action({"Action": "DBPut", "Family": family, "Key": key, "Val": value})
+
+    async def set_global(self, name: str, value: str) -> None:
+        await self.action({"Action": "Setvar", "Variable": name, "Value": value})
+
+
 @contextlib.asynccontextmanager
-async def connect_world(env: DevEnv) -> AsyncIterator[World]:
-    """A logged-in World for the duration of the block."""
+async def _admin(env: DevEnv, instance: str) -> AsyncIterator[AmiClient]:
     def ignore(_: AmiMessage) -> None:
         return None
 
-    client = AmiClient(host="127.0.0.1", port=int(str(env.sandbox["world_ami_port"])), username="sandbox",
-                       secret=str(env.sandbox["world_admin_secret"]), on_event=ignore)
+    client = AmiClient(host="127.0.0.1", port=int(str(env.sandbox[f"{instance}_ami_port"])), username="sandbox",
+                       secret=str(env.sandbox[f"{instance}_admin_secret"]), on_event=ignore)
     task = asyncio.create_task(client.run())
     try:
         await asyncio.wait_for(client.connected.wait(), 10)
-        yield World(client)
+        yield client
     finally:
         client.stop()
         await task
+
+
+@contextlib.asynccontextmanager
+async def connect_world(env: DevEnv) -> AsyncIterator[World]:
+    """A logged-in World for the duration of the block."""
+    async with _admin(env, "world") as client:
+        yield World(client)
+
+
+@contextlib.asynccontextmanager
+async def connect_pbx_admin(env: DevEnv) -> AsyncIterator[PbxAdmin]:
+    """The pbx instance's sandbox superuser for the duration of the block."""
+    async with _admin(env, "pbx") as client:
+        yield PbxAdmin(client)

@@ -1,0 +1,129 @@
+"""End to end: business hours, holidays and 调休 decide where a hotline call rings, through
+pbx-bridge's routing state, and through the static fallback when pbx-bridge is down.
+
+pbx-bridge's business clock is injected (PBX_BRIDGE_FAKE_NOW); the static fallback's clock
+is faked with the sandbox-only HOTLINE_TEST_TIME global (TESTTIME for GotoIfTime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.calls import fetch, one_call
+from tests.support.daemon import BridgeProcess
+from tests.support.env import DevEnv
+from tests.support.world import IGNORE, answer, connect_pbx_admin, connect_world, new_caller_number
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def bridge_at(devenv: DevEnv) -> Iterator[list[BridgeProcess]]:
+    started: list[BridgeProcess] = []
+    yield started
+    for process in started:
+        assert process.stop() == 0
+
+
+async def call_with_agents_and_mobile_answering(devenv: DevEnv, number: str) -> None:
+    """agent101 and the duty mobile both answer after 1 s: where the call went decides who."""
+    async with connect_world(devenv) as world:
+        await world.set_phone(number, "agent101", answer(1, 1))
+        await world.set_phone(number, devenv.duty_mobile, answer(1, 1))
+        await world.call(devenv.hotline_numbers[0], number, "路由测试")
+
+
+@pytest.mark.parametrize(("business_time", "goes_to"), [
+    ("2026-11-24T09:30:00+08:00", "agents"),   # Tuesday morning
+    ("2026-11-24T12:30:00+08:00", "mobile"),   # lunch gap
+    ("2026-11-24T17:29:00+08:00", "agents"),
+    ("2026-11-24T17:31:00+08:00", "mobile"),
+    ("2026-10-01T10:00:00+08:00", "mobile"),   # National Day, a Thursday
+    ("2026-10-10T10:00:00+08:00", "agents"),   # Saturday made a working day (调休)
+])
+async def test_where_a_call_rings(bridge_at: list[BridgeProcess], devenv: DevEnv, business_time: str,
+                                  goes_to: str) -> None:
+    process = BridgeProcess(devenv.config_path, business_time=business_time)
+    bridge_at.append(process)
+    await asyncio.to_thread(process.start)
+    number = new_caller_number()
+    await call_with_agents_and_mobile_answering(devenv, number)
+    row = await one_call(devenv.dsn, number, timeout=20)
+    if goes_to == "agents":
+        assert (row["disposition"], row["answered_by"], row["answered_stage"]) == ("answered", "agent101", "group")
+        assert row["after_hours"] is False and row["needs_call_sheet"] is False
+    else:
+        assert (row["disposition"], row["answered_by"], row["answered_stage"]) == (
+            "forwarded", devenv.duty_mobile, "mobile")
+        assert row["after_hours"] is True
+        assert row["forwarded_to"] == devenv.duty_mobile
+        assert row["duty_holder"] == devenv.duty_holder
+        assert row["needs_call_sheet"] is True
+        assert row["ring_seconds"] is None and row["within_ring_limit"] is None  # no agent phone rang
+
+
+async def test_mobile_does_not_answer_caller_reaches_voicemail(bridge_at: list[BridgeProcess],
+                                                              devenv: DevEnv) -> None:
+    process = BridgeProcess(devenv.config_path, business_time="2026-11-24T20:00:00+08:00")
+    bridge_at.append(process)
+    await asyncio.to_thread(process.start)
+    voicemail, hung_up = new_caller_number(), new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(voicemail, devenv.duty_mobile, IGNORE)
+        await world.set_phone(hung_up, devenv.duty_mobile, IGNORE)
+        await world.call(devenv.hotline_numbers[0], voicemail, "留言客户", talk=3)  # leaves a 3 s message
+        await world.call(devenv.hotline_numbers[0], hung_up, "不等了", patience=5)  # gives up while it rings
+    gave_up = await one_call(devenv.dsn, hung_up, timeout=20)
+    assert gave_up["disposition"] == "forward_missed"
+    assert gave_up["forwarded_to"] == devenv.duty_mobile
+    row = await one_call(devenv.dsn, voicemail, timeout=45)
+    assert row["disposition"] == "voicemail"
+    assert row["forwarded_to"] == devenv.duty_mobile and row["duty_holder"] == devenv.duty_holder
+    assert row["after_hours"] is True and row["answered_by"] is None
+
+
+async def legs_of(devenv: DevEnv, number: str, timeout: float = 20) -> set[str]:
+    """Which endpoints the PBX dialled out to for this caller (not the caller's own inbound
+    channel), from Asterisk's own CEL rows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await fetch(devenv.dsn, """
+            SELECT DISTINCT split_part(split_part(c.channame, '/', 2), '-', 1) AS endpoint
+              FROM cel c JOIN cel start ON start.linkedid = c.linkedid
+             WHERE start.cid_num = $1 AND start.eventtype = 'CHAN_START' AND c.eventtype = 'CHAN_START'
+               AND c.uniqueid <> c.linkedid
+               AND EXISTS (SELECT 1 FROM cel e WHERE e.linkedid = c.linkedid AND e.eventtype = 'LINKEDID_END')
+            """, number)
+        if rows:
+            return {r["endpoint"] for r in rows}
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no finished call from {number} in CEL")
+        await asyncio.sleep(0.3)
+
+
+@pytest.mark.parametrize(("asterisk_time", "state", "goes_to"), [
+    ("2026/11/24 09:30:00 Asia/Shanghai", "missing", "agent101"),
+    ("2026/11/24 20:00:00 Asia/Shanghai", "missing", "carrier"),
+    ("2026/11/24 20:00:00 Asia/Shanghai", "stale", "carrier"),  # an old "open" must not be trusted
+])
+async def test_pbx_bridge_down_static_fallback(devenv: DevEnv, asterisk_time: str, state: str,
+                                               goes_to: str) -> None:
+    number = new_caller_number()
+    async with connect_pbx_admin(devenv) as pbx:
+        await pbx.delete_routing_state()
+        if state == "stale":
+            await pbx.put("pbx-bridge", "open", "1")
+            await pbx.put("pbx-bridge", "updated", str(int(time.time()) - 3600))
+        await pbx.set_global("HOTLINE_TEST_TIME", asterisk_time)
+        try:
+            await call_with_agents_and_mobile_answering(devenv, number)
+            legs = await legs_of(devenv, number)
+        finally:
+            await pbx.set_global("HOTLINE_TEST_TIME", "")
+    assert goes_to in legs, legs
+    if goes_to == "carrier":
+        assert not {"agent101", "agent102"} & legs  # after hours: the agents' phones never rang
