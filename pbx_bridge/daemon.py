@@ -8,13 +8,15 @@ reading AMI, let the tracker finish the queued events, flush (or spool) the reco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from datetime import UTC, datetime
 from typing import Final
 
 import asyncpg
 import structlog
 
-from pbx_bridge.ami.client import AmiClient
+from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.ami.wire import AmiMessage
 from pbx_bridge.config import Settings
 from pbx_bridge.routing import Clock, RoutingPublisher
@@ -25,8 +27,11 @@ from pbx_bridge.tracker import (
     CallStarted,
     ChannelSnapshot,
     Decision,
+    HangupChannel,
+    Tick,
     TrackerSettings,
     TrackerState,
+    Violation,
     apply,
 )
 
@@ -46,6 +51,13 @@ def tracker_settings(settings: Settings) -> TrackerSettings:
 
 
 def _log_decision(decision: Decision) -> None:
+    if isinstance(decision, Violation):
+        log.error("policy_violation", kind=str(decision.kind), linkedid=decision.linkedid,
+                  occurred_at=decision.occurred_at.isoformat(), **dict(decision.details))
+        return
+    if isinstance(decision, HangupChannel):
+        log.warning("guard_hangup", channel=decision.channel, reason=decision.reason)
+        return
     record = decision.record
     if isinstance(decision, CallStarted):
         log.info("call_started", linkedid=record.linkedid, did=record.did, caller=record.caller_number)
@@ -59,11 +71,32 @@ def _log_decision(decision: Decision) -> None:
                   hint="its end was not seen; the record stays incomplete until reconciled from CEL")
 
 
-TrackerInput = AmiMessage | ChannelSnapshot | None
+TrackerInput = AmiMessage | ChannelSnapshot | Tick | None
+TICK_SECONDS = 0.25
+
+
+async def tick(queue: asyncio.Queue[TrackerInput], stop: asyncio.Event) -> None:
+    """Feed the wall clock to the tracker, so limits pass on time while no event arrives."""
+    while not stop.is_set():
+        queue.put_nowait(Tick(datetime.now(UTC)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), TICK_SECONDS)
+
+
+async def guard(hangups: asyncio.Queue[HangupChannel | None], ami: AmiClient) -> None:
+    """Carry out the tracker's hangups at once, in order, each result checked and logged."""
+    while (item := await hangups.get()) is not None:
+        try:
+            response = await ami.send_action({"Action": "Hangup", "Channel": item.channel, "Cause": "21"},
+                                             response_timeout=2)
+            log.info("guard_hangup_done", channel=item.channel, response=response.get("Response"),
+                     message=response.get("Message"))
+        except AmiError as exc:
+            log.error("guard_hangup_failed", channel=item.channel, error=str(exc))
 
 
 async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
-                  writer: CallWriter) -> None:
+                  writer: CallWriter, hangups: asyncio.Queue[HangupChannel | None]) -> None:
     """The one consumer of AMI events: apply each to the tracker, hand decisions to the writer."""
     state = TrackerState()
     while True:
@@ -74,8 +107,11 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
             return
         state, decisions = apply(state, event, settings)
         for decision in decisions:
+            if isinstance(decision, HangupChannel):
+                hangups.put_nowait(decision)  # first: the guard must act within 250 ms
+        for decision in decisions:
             _log_decision(decision)
-            if not isinstance(decision, CallLost):
+            if not isinstance(decision, CallLost | HangupChannel):
                 writer.submit(decision)
 
 
@@ -96,6 +132,8 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     )
     writer.replay_spool()
     queue: asyncio.Queue[TrackerInput] = asyncio.Queue()
+    hangups: asyncio.Queue[HangupChannel | None] = asyncio.Queue()
+    ticking_stopped = asyncio.Event()
 
     publisher: RoutingPublisher | None = None
 
@@ -126,14 +164,18 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(ami.run(), name="ami")
-            tasks.create_task(consume(queue, tracker_settings(settings), writer), name="tracker")
+            tasks.create_task(consume(queue, tracker_settings(settings), writer, hangups), name="tracker")
             tasks.create_task(writer.run(), name="writer")
             tasks.create_task(publisher.run(), name="routing")
+            tasks.create_task(guard(hangups, ami), name="guard")
+            tasks.create_task(tick(queue, ticking_stopped), name="ticker")
             await stop.wait()
             log.info("pbx_bridge_stopping")
             publisher.stop()
+            ticking_stopped.set()
             ami.stop()
             queue.put_nowait(_STOP)
+            hangups.put_nowait(None)
             writer.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

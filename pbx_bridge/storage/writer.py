@@ -23,7 +23,16 @@ import asyncpg
 import structlog
 
 from pbx_bridge.backoff import Backoff
-from pbx_bridge.tracker.model import CallEnded, CallLeg, CallRecord, CallStarted, Disposition, RecordWrite
+from pbx_bridge.tracker.model import (
+    CallEnded,
+    CallLeg,
+    CallRecord,
+    CallStarted,
+    Disposition,
+    RecordWrite,
+    Violation,
+    ViolationKind,
+)
 
 log = structlog.get_logger("pbx_bridge.writer")
 
@@ -57,25 +66,47 @@ def _leg_row(leg: CallLeg) -> tuple[Any, ...]:
     return tuple(getattr(leg, c) for c in LEG_COLUMNS)
 
 
+INSERT_VIOLATION = (
+    "INSERT INTO policy_violations (kind, linkedid, occurred_at, details) VALUES ($1, $2, $3, $4::jsonb) "
+    "ON CONFLICT (kind, (coalesce(linkedid, '')), (coalesce(details ->> 'channel', ''))) DO NOTHING")
+
+
+def linkedid_of(item: RecordWrite) -> str | None:
+    """The call an item belongs to (for logs)."""
+    return item.linkedid if isinstance(item, Violation) else item.record.linkedid
+
+
 def coalesce(batch: Sequence[RecordWrite]) -> list[RecordWrite]:
-    """Keep, per call, only the last decision of a batch (a final record supersedes a start)."""
-    latest: dict[str, RecordWrite] = {}
-    for decision in batch:
-        key = decision.record.linkedid
-        if isinstance(latest.get(key), CallEnded) and isinstance(decision, CallStarted):
+    """Keep, per call, only the last record of a batch (a final record supersedes a start);
+    violations are kept as they are (the database ignores repeats)."""
+    latest: dict[str, CallStarted | CallEnded] = {}
+    violations: list[RecordWrite] = []
+    for item in batch:
+        if isinstance(item, Violation):
+            violations.append(item)
             continue
-        latest[key] = decision
-    return list(latest.values())
+        key = item.record.linkedid
+        if isinstance(latest.get(key), CallEnded) and isinstance(item, CallStarted):
+            continue
+        latest[key] = item
+    return [*latest.values(), *violations]
 
 
 async def write_batch(conn: asyncpg.Connection, batch: Sequence[RecordWrite]) -> None:
-    """Upsert one batch of decisions in a single transaction."""
-    decisions = coalesce(batch)
-    legs = [leg for d in decisions if isinstance(d, CallEnded) for leg in d.legs]
+    """Upsert one batch in a single transaction: calls, then their legs, then violations."""
+    items = coalesce(batch)
+    records = [i for i in items if not isinstance(i, Violation)]
+    violations = [i for i in items if isinstance(i, Violation)]
+    legs = [leg for d in records if isinstance(d, CallEnded) for leg in d.legs]
     async with conn.transaction():
-        await conn.executemany(UPSERT_CALL, [_call_row(d.record) for d in decisions])
+        if records:
+            await conn.executemany(UPSERT_CALL, [_call_row(d.record) for d in records])
         if legs:
             await conn.executemany(UPSERT_LEG, [_leg_row(leg) for leg in legs])
+        if violations:
+            await conn.executemany(INSERT_VIOLATION, [
+                (str(v.kind), v.linkedid, v.occurred_at, json.dumps(dict(v.details), ensure_ascii=False))
+                for v in violations])
 
 
 # --- spool: JSON lines, one decision each --------------------------------------------------
@@ -94,6 +125,11 @@ def _decode(value: Any) -> Any:
 
 def decision_to_json(decision: RecordWrite) -> str:
     """Serialise a decision for the spool."""
+    if isinstance(decision, Violation):
+        return json.dumps({"kind": "Violation", "violation": {
+            "kind": str(decision.kind), "occurred_at": _encode(decision.occurred_at),
+            "linkedid": decision.linkedid, "details": [list(pair) for pair in decision.details]}},
+            ensure_ascii=False)
     body: dict[str, Any] = {
         "kind": type(decision).__name__,
         "record": {k: _encode(v) for k, v in asdict(decision.record).items()},
@@ -106,6 +142,10 @@ def decision_to_json(decision: RecordWrite) -> str:
 def decision_from_json(line: str) -> RecordWrite:
     """Read back a spooled decision."""
     body = json.loads(line)
+    if body["kind"] == "Violation":
+        v = body["violation"]
+        return Violation(ViolationKind(v["kind"]), _decode(v["occurred_at"]), v["linkedid"],
+                         tuple((key, value) for key, value in v["details"]))
     values = {k: _decode(v) for k, v in body["record"].items()}
     if values.get("disposition") is not None:
         values["disposition"] = Disposition(values["disposition"])
@@ -149,7 +189,7 @@ class CallWriter:
         """Accept a decision for writing; never blocks."""
         if len(self._pending) >= self._queue_limit:
             self.dropped += 1
-            log.error("writer_queue_full", linkedid=decision.record.linkedid, limit=self._queue_limit)
+            log.error("writer_queue_full", linkedid=linkedid_of(decision), limit=self._queue_limit)
             return
         if not self._pending:
             self.oldest_pending_since = time.monotonic()
@@ -218,7 +258,7 @@ class CallWriter:
             try:
                 await write_batch(conn, [decision])
             except asyncpg.PostgresError as exc:
-                log.error("record_rejected", linkedid=decision.record.linkedid, error=str(exc))
+                log.error("record_rejected", linkedid=linkedid_of(decision), error=str(exc))
                 if self._spool_path is not None:
                     rejected = self._spool_path.with_suffix(".rejected.jsonl")
                     rejected.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,10 @@ from pbx_bridge.tracker.model import (
     ChannelSnapshot,
     Decision,
     Disposition,
+    HangupChannel,
+    Tick,
+    Violation,
+    ViolationKind,
 )
 from pbx_bridge.tracker.tracker import TrackerSettings, TrackerState, apply
 
@@ -21,7 +25,11 @@ __all__ = [
     "ChannelSnapshot",
     "Decision",
     "Disposition",
+    "HangupChannel",
+    "Tick",
     "TrackerSettings",
     "TrackerState",
+    "Violation",
+    "ViolationKind",
     "apply",
 ]

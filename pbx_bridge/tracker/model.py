@@ -90,6 +90,43 @@ class CallLost:
     record: CallRecord
 
 
+class ViolationKind(StrEnum):
+    """Breaches of the hotline rules (the `policy_violations.kind` column)."""
+
+    RING_LIMIT = "ring_limit"  # still ringing when max_rings passed (所有电话必须在三响之内接听)
+    OUTBOUND_ATTEMPT = "outbound_attempt"  # the 400 line used to dial out (禁止外拨)
+    UNANSWERED = "unanswered"  # nobody took the call (杜绝电话无人接听)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A rule breach, recorded the moment it is known (a ring-limit breach while still ringing)."""
+
+    kind: ViolationKind
+    occurred_at: datetime
+    linkedid: str | None
+    details: tuple[tuple[str, str], ...] = ()
+
+    def detail(self, key: str) -> str | None:
+        """One detail by name."""
+        return dict(self.details).get(key)
+
+
+@dataclass(frozen=True, slots=True)
+class HangupChannel:
+    """Hang this channel up now (the outbound guard)."""
+
+    channel: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Tracker input: the runtime clock's time, so limits can pass while no event arrives."""
+
+    now: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class ChannelSnapshot:
     """Tracker input: the channels Asterisk has right now (CoreShowChannels after a login)."""
@@ -97,5 +134,5 @@ class ChannelSnapshot:
     uniqueids: frozenset[str]
 
 
-RecordWrite = CallStarted | CallEnded
-Decision = CallStarted | CallEnded | CallLost
+RecordWrite = CallStarted | CallEnded | Violation
+Decision = CallStarted | CallEnded | CallLost | Violation | HangupChannel

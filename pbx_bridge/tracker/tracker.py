@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pbx_bridge.ami.wire import AmiMessage, unescape_sip_quoted
 from pbx_bridge.tracker.model import (
@@ -22,12 +22,18 @@ from pbx_bridge.tracker.model import (
     ChannelSnapshot,
     Decision,
     Disposition,
+    HangupChannel,
+    Tick,
+    Violation,
+    ViolationKind,
 )
 from pbx_bridge.tracker.rings import rings_heard, within_ring_limit
 
+CHANNEL_STATE_DOWN = "0"  # a channel Asterisk creates to dial out
 CHANNEL_STATE_RING = "4"  # inbound channel offered to Asterisk
 CHANNEL_STATE_RINGING = "5"  # outbound channel ringing at the far end
 RINGING_DIAL_STATUSES = frozenset({"RINGING", "PROGRESS"})
+UNANSWERED_DISPOSITIONS = frozenset({Disposition.MISSED, Disposition.FORWARD_MISSED, Disposition.VOICEMAIL})
 KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail"})
 ANSWERING_STAGES = frozenset({"group", "escalation", "mobile"})
 
@@ -40,6 +46,9 @@ class TrackerSettings:
     trunk: str
     ring_period_seconds: float = 5.0
     max_rings: int = 3
+    # Outbound channels on the trunk whose Uniqueid starts with this were started by pbx-bridge
+    # itself (line probes use it as their Originate ChannelId); the guard leaves them alone.
+    own_channel_prefix: str = "pbx-bridge-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +70,7 @@ class CallState:
     forwarded_to: str | None = None
     duty_holder: str | None = None
     caller_hung_up_at: datetime | None = None
+    ring_limit_reported: bool = False
     inbound_ended_at: datetime | None = None
     hangup_cause: int | None = None
     hangup_cause_text: str | None = None
@@ -93,31 +103,95 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
 
 
 def apply(
-    state: TrackerState, event: AmiMessage | ChannelSnapshot, settings: TrackerSettings
+    state: TrackerState, event: AmiMessage | ChannelSnapshot | Tick, settings: TrackerSettings
 ) -> tuple[TrackerState, list[Decision]]:
     """Advance the tracker by one input; return the new state and what must be done."""
     if isinstance(event, ChannelSnapshot):
         return _reconcile_with_snapshot(state, event, settings)
+    if isinstance(event, Tick):
+        return _tick(state, event.now, settings)
     when = event.timestamp
     linkedid = event.get("Linkedid")
     if when is None or not linkedid:
         return state, []
+    if event.event == "UserEvent" and event.get("UserEvent") == "OutboundAttempt":
+        return state, [_outbound_attempt(event, when)]
     call = state.calls.get(linkedid)
     if call is None:
         started = _maybe_start_call(event, when, settings)
-        if started is None:
-            return state, []
-        new_state = replace(state, calls={**state.calls, linkedid: started})
-        return new_state, [CallStarted(_record(started, settings))]
+        if started is not None:
+            new_state = replace(state, calls={**state.calls, linkedid: started})
+            return new_state, [CallStarted(_record(started, settings))]
+        return state, _guard(event, when, settings)
 
     updated = _advance(call, event, when)
     if updated is call:
         return state, []
     if updated.inbound_ended_at is not None and not updated.live_channels:
         calls = {k: v for k, v in state.calls.items() if k != linkedid}
-        legs = tuple(updated.legs.values())
-        return replace(state, calls=calls), [CallEnded(_record(updated, settings), legs)]
+        record = _record(updated, settings)
+        decisions: list[Decision] = [CallEnded(record, tuple(updated.legs.values()))]
+        if record.within_ring_limit is False and not updated.ring_limit_reported:
+            decisions.append(_ring_limit_violation(updated, record, settings))  # e.g. no tick came in time
+        if record.disposition in UNANSWERED_DISPOSITIONS:
+            decisions.append(Violation(ViolationKind.UNANSWERED, record.ended_at or when, record.linkedid,
+                                       (("disposition", str(record.disposition)), ("did", record.did),
+                                        ("caller_number", record.caller_number))))
+        return replace(state, calls=calls), decisions
     return replace(state, calls={**state.calls, linkedid: updated}), []
+
+
+def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tuple[TrackerState, list[Decision]]:
+    """Report, once per call, a ring limit passing while the agents' phones still ring."""
+    limit = settings.max_rings * settings.ring_period_seconds
+    decisions: list[Decision] = []
+    changed: dict[str, CallState] = {}
+    for linkedid, call in state.calls.items():
+        if call.ring_limit_reported or call.answered_leg is not None or call.inbound_ended_at is not None:
+            continue
+        started = _ring_started_at(call)
+        if started is None or _agents_stopped(call) is not None:
+            continue
+        if rings_heard((now - started).total_seconds(), settings.ring_period_seconds) > settings.max_rings:
+            changed[linkedid] = replace(call, ring_limit_reported=True)
+            decisions.append(_ring_limit_violation(call, _record(call, settings), settings,
+                                                   at=started + timedelta(seconds=limit)))
+    if not changed:
+        return state, []
+    return replace(state, calls={**state.calls, **changed}), decisions
+
+
+def _ring_limit_violation(call: CallState, record: CallRecord, settings: TrackerSettings,
+                          at: datetime | None = None) -> Violation:
+    limit = settings.max_rings * settings.ring_period_seconds
+    occurred = at or (record.ring_started_at or call.started_at) + timedelta(seconds=limit)
+    return Violation(ViolationKind.RING_LIMIT, occurred, call.linkedid,
+                     (("did", call.did), ("caller_number", call.caller_number),
+                      ("max_rings", str(settings.max_rings)), ("limit_seconds", f"{limit:g}")))
+
+
+def _outbound_attempt(event: AmiMessage, when: datetime) -> Violation:
+    """A hotline phone dialled out; the dialplan refused it (UserEvent OutboundAttempt)."""
+    channel = event.get("Channel")
+    return Violation(ViolationKind.OUTBOUND_ATTEMPT, when, event.get("Linkedid"),
+                     (("channel", channel), ("extension", endpoint_of(channel)),
+                      ("digits", event.get("Digits")), ("stopped_by", "dialplan")))
+
+
+def _guard(event: AmiMessage, when: datetime, settings: TrackerSettings) -> list[Decision]:
+    """Second line of defence: an outbound channel on the hotline trunk that is neither a
+    forward of a hotline call (those share its Linkedid) nor pbx-bridge's own is hung up."""
+    if event.event != "Newchannel" or event.get("ChannelState") != CHANNEL_STATE_DOWN:
+        return []
+    channel = event.get("Channel")
+    uniqueid = event.get("Uniqueid")
+    if endpoint_of(channel) != settings.trunk or not channel.startswith("PJSIP/"):
+        return []
+    if uniqueid.startswith(settings.own_channel_prefix):
+        return []
+    return [HangupChannel(channel, "outbound call on the hotline trunk not started by the system"),
+            Violation(ViolationKind.OUTBOUND_ATTEMPT, when, event.get("Linkedid"),
+                      (("channel", channel), ("stopped_by", "guard")))]
 
 
 def _reconcile_with_snapshot(

@@ -127,3 +127,25 @@ async def test_a_call_to_another_did_makes_no_row(bridge: BridgeProcess, devenv:
     assert await fetch(devenv.dsn, "SELECT 1 FROM calls WHERE caller_number = $1", other) == []
     cel = await fetch(devenv.dsn, "SELECT 1 FROM cel WHERE cid_num = $1", other)
     assert cel, "the other call did go through the PBX"
+
+
+async def test_no_answer_in_three_rings_escalates_and_the_violation_is_recorded_while_ringing(
+        bridge: BridgeProcess, devenv: DevEnv) -> None:
+    number = new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(number, "agent101", IGNORE)
+        await world.set_phone(number, "agent102", IGNORE)
+        await world.set_phone(number, "agent103", answer(7, 1))  # 15 s group + 7 s: ring 5
+        await world.call(devenv.hotline_numbers[0], number, "等了五声")
+    [started] = await asyncio.to_thread(bridge.wait_for, "call_started", 10, caller=number)
+    linkedid = started["linkedid"]
+    await asyncio.sleep(17.5)  # past the limit (15 s), before the answer (22 s)
+    early = await fetch(devenv.dsn, "SELECT kind, occurred_at FROM policy_violations WHERE linkedid = $1", linkedid)
+    answered_yet = await fetch(devenv.dsn, "SELECT answered_at FROM calls WHERE linkedid = $1", linkedid)
+    assert [r["kind"] for r in early] == ["ring_limit"]
+    assert answered_yet[0]["answered_at"] is None
+    row = await one_call(devenv.dsn, number, timeout=20)
+    assert (row["disposition"], row["answered_by"], row["answered_stage"]) == ("answered", "agent103", "escalation")
+    assert row["rings"] == 5 and row["within_ring_limit"] is False
+    assert early[0]["occurred_at"] < row["answered_at"]
+    assert float((early[0]["occurred_at"] - row["ring_started_at"]).total_seconds()) == pytest.approx(15, abs=0.01)

@@ -38,13 +38,9 @@ async def talking_call(bridge: BridgeProcess, devenv: DevEnv, talk: float) -> tu
         await world.set_phone(number, "agent101", answer(1, talk))
         await world.set_phone(number, "agent102", IGNORE)
         await world.call(devenv.hotline_numbers[0], number, "通话中")
-    for _ in range(100):
-        started = [e for e in bridge.events("call_started") if e["caller"] == number]
-        if started:
-            await asyncio.sleep(2)  # answered after 1 s, now talking
-            return number, str(started[0]["linkedid"])
-        await asyncio.sleep(0.1)
-    raise AssertionError("the call never started")
+    [started] = await asyncio.to_thread(bridge.wait_for, "call_started", 10, caller=number)
+    await asyncio.sleep(2)  # answered after 1 s, now talking
+    return number, str(started["linkedid"])
 
 
 async def test_asterisk_crash_mid_call(bridge: BridgeProcess, devenv: DevEnv) -> None:

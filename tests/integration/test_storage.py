@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 
 from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
-from pbx_bridge.storage.writer import CallWriter, decision_from_json, decision_to_json
-from pbx_bridge.tracker import CallEnded, CallLeg, CallRecord, CallStarted, Disposition
+from pbx_bridge.storage.writer import CallWriter, decision_from_json, decision_to_json, linkedid_of
+from pbx_bridge.tracker import CallEnded, CallLeg, CallRecord, CallStarted, Disposition, Violation, ViolationKind
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,8 @@ def leg(linkedid: str, uniqueid: str) -> CallLeg:
                    hangup_cause_text="Answered elsewhere")
 
 
-async def write_all(dsn: str, decisions: list[CallStarted | CallEnded], spool: Path | None = None) -> CallWriter:
+async def write_all(dsn: str, decisions: list[CallStarted | CallEnded | Violation],
+                    spool: Path | None = None) -> CallWriter:
     writer = CallWriter(lambda: asyncpg.connect(dsn), flush_interval=0.01, spool_path=spool)
     for decision in decisions:
         writer.submit(decision)
@@ -137,7 +138,7 @@ async def test_a_record_the_database_refuses_is_kept_and_does_not_block_others(
     good = CallEnded(record("it-5"), ())
     await write_all(scratch_dsn, [bad, good], spool=spool)
     rejected = spool.with_suffix(".rejected.jsonl").read_text().splitlines()
-    assert [decision_from_json(line).record.linkedid for line in rejected] == ["it-4"]
+    assert [linkedid_of(decision_from_json(line)) for line in rejected] == ["it-4"]
     conn = await asyncpg.connect(scratch_dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM calls WHERE linkedid IN ('it-4', 'it-5')") == 1
@@ -149,3 +150,23 @@ def test_spool_format_round_trips() -> None:
     decisions = (CallEnded(record("x", caller_name=NASTY), (leg("x", "u"),)), CallStarted(record("y", ended=False)))
     for decision in decisions:
         assert decision_from_json(decision_to_json(decision)) == decision
+
+
+async def test_violations_are_written_once_however_often_replayed(scratch_dsn: str, tmp_path: Path) -> None:
+    ring = Violation(ViolationKind.RING_LIMIT, T0, "it-6", (("did", "4008001234"), ("max_rings", "3")))
+    guard_1 = Violation(ViolationKind.OUTBOUND_ATTEMPT, T0, "it-7", (("channel", "PJSIP/carrier-1"),))
+    guard_2 = Violation(ViolationKind.OUTBOUND_ATTEMPT, T0, "it-7", (("channel", "PJSIP/carrier-2"),))
+    await write_all(scratch_dsn, [ring, ring, guard_1, guard_2])
+    await write_all(scratch_dsn, [ring, guard_1], spool=tmp_path / "s.jsonl")
+    rows = await asyncpg_fetch(scratch_dsn, "SELECT kind, details FROM policy_violations "
+                                            "WHERE linkedid IN ('it-6', 'it-7') ORDER BY kind, id")
+    assert [r["kind"] for r in rows] == ["outbound_attempt", "outbound_attempt", "ring_limit"]
+    assert decision_from_json(decision_to_json(ring)) == ring
+
+
+async def asyncpg_fetch(dsn: str, query: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query))
+    finally:
+        await conn.close()

@@ -51,11 +51,12 @@ class BridgeProcess:
         with self._lock:
             return [line for line in self.lines if line.get("event") == name]
 
-    def wait_for(self, name: str, timeout: float, count: int = 1) -> list[dict[str, Any]]:
-        """Wait until `count` log entries named `name` exist; fail with the log if not."""
+    def wait_for(self, name: str, timeout: float, count: int = 1, **fields: Any) -> list[dict[str, Any]]:
+        """Wait until `count` log entries named `name` (with these field values) exist; fail
+        with the log if not. Returns the matching entries."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = self.events(name)
+            found = [e for e in self.events(name) if all(e.get(k) == v for k, v in fields.items())]
             if len(found) >= count:
                 return found
             if self._process is not None and self._process.poll() is not None:

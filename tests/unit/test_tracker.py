@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -16,8 +17,12 @@ from pbx_bridge.tracker import (
     ChannelSnapshot,
     Decision,
     Disposition,
+    HangupChannel,
+    Tick,
     TrackerSettings,
     TrackerState,
+    Violation,
+    ViolationKind,
     apply,
 )
 from pbx_bridge.tracker.tracker import endpoint_of
@@ -117,7 +122,7 @@ def test_legs_one_per_agent_channel_with_dial_status() -> None:
 
 def test_start_is_announced_once_per_call_before_its_end() -> None:
     _, decisions = run(fixture_messages("concurrent_3"))
-    kinds = [(type(d).__name__, d.record.linkedid) for d in decisions]
+    kinds = [(type(d).__name__, d.record.linkedid) for d in decisions if isinstance(d, CallStarted | CallEnded)]
     for linkedid in {lid for _, lid in kinds}:
         assert [k for k, lid in kinds if lid == linkedid] == ["CallStarted", "CallEnded"]
     started = [d for d in decisions if isinstance(d, CallStarted)]
@@ -185,9 +190,10 @@ def test_snapshot_keeping_the_call_changes_nothing() -> None:
 def test_snapshot_without_the_callers_channel_loses_the_call() -> None:
     state, rest = _until_answered("answered_7s_talk_4s")
     state, decisions = apply(state, ChannelSnapshot(frozenset()), SETTINGS)
-    assert [type(d) for d in decisions] == [CallLost]
-    assert decisions[0].record.caller_name == "张三客户"
-    assert decisions[0].record.ended_at is None
+    [lost] = decisions
+    assert isinstance(lost, CallLost)
+    assert lost.record.caller_name == "张三客户"
+    assert lost.record.ended_at is None
     assert state.calls == {}
     _, later = run_from(state, rest)  # the rest of the call is ignored, nothing is invented
     assert later == []
@@ -214,3 +220,76 @@ def run_from(state: TrackerState, messages: list[AmiMessage]) -> tuple[TrackerSt
         state, decisions = apply(state, message, SETTINGS)
         out.extend(decisions)
     return state, out
+
+
+# --- violations: ring limit (ticks), unanswered, outbound attempts, the guard --------------
+
+def _ringing_until_answer(name: str) -> tuple[TrackerState, list[AmiMessage], datetime]:
+    """Replay up to the DialEnd ANSWER; return the state, the rest, and when ringing started."""
+    messages = fixture_messages(name)
+    cut = next(i for i, m in enumerate(messages) if m.event == "DialEnd" and m.get("DialStatus") == "ANSWER")
+    state, _ = run(messages[:cut])
+    [call] = state.calls.values()
+    started = min(leg.ring_started_at for leg in call.legs.values() if leg.ring_started_at)
+    return state, messages[cut:], started
+
+
+def test_ring_limit_is_reported_once_by_tick_while_still_ringing() -> None:
+    state, rest, started = _ringing_until_answer("answered_17s")
+    state, early = apply(state, Tick(started + timedelta(seconds=14.9)), SETTINGS)
+    assert early == []
+    state, due = apply(state, Tick(started + timedelta(seconds=15.1)), SETTINGS)
+    [violation] = due
+    assert isinstance(violation, Violation) and violation.kind is ViolationKind.RING_LIMIT
+    assert violation.occurred_at == started + timedelta(seconds=15)
+    assert violation.detail("max_rings") == "3"
+    state, again = apply(state, Tick(started + timedelta(seconds=16)), SETTINGS)
+    assert again == []
+    _, final = run_from(state, rest)
+    assert [type(d) for d in final] == [CallEnded]  # not reported a second time at the end
+
+
+def test_ring_limit_without_ticks_is_reported_at_the_end() -> None:
+    _, decisions = run(fixture_messages("answered_17s"))
+    [violation] = [d for d in decisions if isinstance(d, Violation)]
+    assert violation.kind is ViolationKind.RING_LIMIT
+
+
+def test_no_violation_for_calls_answered_in_time() -> None:
+    _, decisions = run(fixture_messages("answered_7s_talk_4s"))
+    assert not [d for d in decisions if isinstance(d, Violation)]
+
+
+def test_nobody_answering_is_an_unanswered_violation_abandoning_early_is_not() -> None:
+    _, missed = run(fixture_messages("missed_all_busy"))
+    assert [d.kind for d in missed if isinstance(d, Violation)] == [ViolationKind.UNANSWERED]
+    _, abandoned = run(fixture_messages("abandoned_6s"))
+    assert not [d for d in abandoned if isinstance(d, Violation)]
+
+
+def _trunk_newchannel(uniqueid: str, linkedid: str) -> AmiMessage:
+    return parse_message(
+        "Event: Newchannel\r\nTimestamp: 1795430000.000000\r\nChannel: PJSIP/carrier-0000004a\r\n"
+        f"ChannelState: 0\r\nExten: s\r\nContext: leaky\r\nUniqueid: {uniqueid}\r\nLinkedid: {linkedid}")
+
+
+def test_guard_hangs_up_an_outbound_trunk_channel_nobody_started() -> None:
+    _, decisions = apply(TrackerState(), _trunk_newchannel("pbx-9.2", "pbx-9.1"), SETTINGS)
+    hangup, violation = decisions
+    assert isinstance(hangup, HangupChannel) and hangup.channel == "PJSIP/carrier-0000004a"
+    assert isinstance(violation, Violation) and violation.kind is ViolationKind.OUTBOUND_ATTEMPT
+    assert violation.detail("stopped_by") == "guard"
+
+
+def test_guard_leaves_pbx_bridges_own_channels_alone() -> None:
+    assert apply(TrackerState(), _trunk_newchannel("pbx-bridge-probe-1", "pbx-bridge-probe-1"), SETTINGS)[1] == []
+
+
+def test_refused_outbound_dial_is_a_violation_with_the_extension_and_digits() -> None:
+    event = parse_message(
+        "Event: UserEvent\r\nTimestamp: 1795430000.5\r\nUserEvent: OutboundAttempt\r\n"
+        "Channel: PJSIP/agent101-00000007\r\nUniqueid: pbx-7.1\r\nLinkedid: pbx-7.1\r\nDigits: 13800138000")
+    [violation] = apply(TrackerState(), event, SETTINGS)[1]
+    assert isinstance(violation, Violation)
+    assert (violation.kind, violation.detail("extension"), violation.detail("digits")) == (
+        ViolationKind.OUTBOUND_ATTEMPT, "agent101", "13800138000")
