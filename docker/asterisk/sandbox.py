@@ -127,7 +127,7 @@ def load_settings(state: Path) -> dict[str, object]:
     settings: dict[str, object] = dict(DEFAULTS)
     if path.exists():
         settings.update(json.loads(path.read_text()))
-    for key in ("pbx_ami_secret", "pbx_admin_secret", "world_admin_secret"):
+    for key in ("pbx_ami_secret", "pbx_admin_secret", "world_admin_secret", "phone_secret"):
         settings.setdefault(key, secrets.token_hex(16))
     path.write_text(json.dumps(settings, indent=2) + "\n")
     path.chmod(0o600)
@@ -165,6 +165,7 @@ def substitutions(name: str, s: dict[str, object], pg: dict[str, str]) -> dict[s
         "PBX_AMI_SECRET": str(s["pbx_ami_secret"]),
         "PBX_ADMIN_SECRET": str(s["pbx_admin_secret"]),
         "WORLD_ADMIN_SECRET": str(s["world_admin_secret"]),
+        "PHONE_SECRET": str(s["phone_secret"]),
         "HOTLINE_DID_LINES": "\n".join(f"exten => {n},1,Goto(hotline,${{EXTEN}},1)" for n in numbers),
         "PG_HOST": pg["host"],
         "PG_PORT": pg["port"],

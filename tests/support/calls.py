@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -38,8 +39,9 @@ async def one_call(dsn: str, number: str, timeout: float) -> asyncpg.Record:
 
 
 async def fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    """Run one query on a short-lived connection."""
+    """Run one query on a short-lived connection (jsonb comes back decoded)."""
     conn = await asyncpg.connect(dsn)
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     try:
         return list(await conn.fetch(query, *args))
     finally:

@@ -69,6 +69,14 @@ class World:
         })
 
 
+    async def dial_out(self, phone: str, digits: str) -> None:
+        """Hotline phone `phone` (an endpoint on the pbx) dials `digits`."""
+        await self.action({
+            "Action": "Originate", "Channel": f"Local/{digits}@phone-dialer/n", "Application": "Wait",
+            "Data": "60", "Async": "true", "Variable": [f"PHONE={phone}"], "Timeout": "60000",
+        })
+
+
 class PbxAdmin(World):
     """The sandbox's own superuser on the pbx under test (for tests to poke at AstDB and globals)."""
 
