@@ -12,17 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pbx_bridge.dialplan import b64
 from tests.support.env import DevEnv, load_devenv
-from tests.support.world import BUSY, IGNORE, World, answer, connect_world
+from tests.support.world import BUSY, IGNORE, World, answer, connect_pbx_admin, connect_world
 
 HOTLINE = "4008001234"
 
 Scenario = Callable[[World, DevEnv], Awaitable[None]]
+
+# missed_all_busy.ami is not re-captured: it was captured from this sandbox with the first
+# dialplan, which hung up when every phone was busy (disposition `missed`). The current
+# dialplan always offers voicemail, so it can no longer produce that stream; the file stays
+# as the real example of a PBX-ended unanswered call.
 
 
 async def answered_7s_talk_4s(world: World, env: DevEnv) -> None:
@@ -32,8 +39,10 @@ async def answered_7s_talk_4s(world: World, env: DevEnv) -> None:
 
 
 async def answered_17s(world: World, env: DevEnv) -> None:
+    # nobody in the group (15 s); agent103 answers 2 s into the escalation
     await world.set_phone("13800000002", "agent101", IGNORE)
-    await world.set_phone("13800000002", "agent102", answer(17, 2))
+    await world.set_phone("13800000002", "agent102", IGNORE)
+    await world.set_phone("13800000002", "agent103", answer(2, 2))
     await world.call(HOTLINE, "13800000002", "李四")
 
 
@@ -43,10 +52,10 @@ async def abandoned_6s(world: World, env: DevEnv) -> None:
     await world.call(HOTLINE, "13800000003", 'Robert "Bob" ;-- \\ O\'Brien', patience=6)
 
 
-async def missed_all_busy(world: World, env: DevEnv) -> None:
-    await world.set_phone("13800000004", "agent101", BUSY)
-    await world.set_phone("13800000004", "agent102", BUSY)
-    await world.call(HOTLINE, "13800000004", "")
+async def all_busy_voicemail(world: World, env: DevEnv) -> None:
+    for phone in ("agent101", "agent102", "agent103", env.duty_mobile):
+        await world.set_phone("13800000004", phone, BUSY)
+    await world.call(HOTLINE, "13800000004", "", talk=2)  # leaves a 2 s message
 
 
 async def other_did(world: World, env: DevEnv) -> None:
@@ -65,14 +74,46 @@ async def concurrent_3(world: World, env: DevEnv) -> None:
         await asyncio.sleep(0.3)
 
 
+async def after_hours_forwarded(world: World, env: DevEnv) -> None:
+    await world.set_phone("13800000021", env.duty_mobile, answer(2, 2))
+    await world.call(HOTLINE, "13800000021", "晚上来电")
+
+
+async def after_hours_voicemail(world: World, env: DevEnv) -> None:
+    await world.set_phone("13800000022", env.duty_mobile, IGNORE)
+    await world.call(HOTLINE, "13800000022", "留言", talk=2)
+
+
+async def outbound_refused(world: World, env: DevEnv) -> None:
+    await world.dial_out("agent101", "13800138000")
+
+
+async def outbound_leaked(world: World, env: DevEnv) -> None:
+    await world.set_phone("leaky", "13800138001", answer(1, 1))
+    await world.dial_out("leaky", "13800138001")
+
+
 SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "answered_7s_talk_4s": (answered_7s_talk_4s, 14),
     "answered_17s": (answered_17s, 22),
     "abandoned_6s": (abandoned_6s, 9),
-    "missed_all_busy": (missed_all_busy, 4),
+    "all_busy_voicemail": (all_busy_voicemail, 6),
     "other_did": (other_did, 5),
     "concurrent_3": (concurrent_3, 9),
+    "after_hours_forwarded": (after_hours_forwarded, 7),
+    "after_hours_voicemail": (after_hours_voicemail, 32),
+    "outbound_refused": (outbound_refused, 4),
+    "outbound_leaked": (outbound_leaked, 5),
 }
+CLOSED = {"after_hours_forwarded", "after_hours_voicemail"}  # captured with the routing state "closed"
+
+
+async def set_routing_state(env: DevEnv, open_: bool) -> None:
+    """What pbx-bridge would publish: open or closed, the duty mobile and holder, a fresh heartbeat."""
+    async with connect_pbx_admin(env) as pbx:
+        for key, value in (("open", "1" if open_ else "0"), ("mobile", env.duty_mobile),
+                           ("holder_b64", b64(env.duty_holder)), ("updated", str(int(time.time()) + 600))):
+            await pbx.put("pbx-bridge", key, value)
 
 
 async def capture(env: DevEnv, name: str, out: Path) -> None:
@@ -89,6 +130,7 @@ async def capture(env: DevEnv, name: str, out: Path) -> None:
         while data := await reader.read(65536):
             chunks.append(data)
 
+    await set_routing_state(env, open_=name not in CLOSED)
     recorder = asyncio.create_task(record())
     async with connect_world(env) as world:
         await asyncio.sleep(0.5)

@@ -61,12 +61,14 @@ def test_answered_after_7s_talk_4s() -> None:
     assert call.source == "ami"
 
 
-def test_answered_after_17s_breaches_the_ring_limit() -> None:
+def test_answered_after_17s_in_the_escalation_breaches_the_ring_limit() -> None:
     [call] = ended("answered_17s")
     assert call.disposition is Disposition.ANSWERED
     assert call.rings == 4
     assert call.within_ring_limit is False
-    assert call.answered_by == "agent102"
+    assert call.answered_by == "agent103"
+    assert call.answered_stage == "escalation"
+    assert call.after_hours is False
     assert call.ring_seconds == pytest.approx(17, abs=0.5)
 
 
@@ -293,3 +295,52 @@ def test_refused_outbound_dial_is_a_violation_with_the_extension_and_digits() ->
     assert isinstance(violation, Violation)
     assert (violation.kind, violation.detail("extension"), violation.detail("digits")) == (
         ViolationKind.OUTBOUND_ATTEMPT, "agent101", "13800138000")
+
+
+
+# --- the hotline dialplan's stages (captured with pbx-bridge's routing state set) ----------
+
+DUTY_MOBILE, DUTY_HOLDER = "13900139000", "值班员小王"
+
+
+def test_after_hours_call_answered_on_the_duty_mobile_is_forwarded() -> None:
+    [call] = ended("after_hours_forwarded")
+    assert call.disposition is Disposition.FORWARDED
+    assert call.after_hours is True
+    assert (call.answered_by, call.answered_stage) == (DUTY_MOBILE, "mobile")
+    assert (call.forwarded_to, call.duty_holder) == (DUTY_MOBILE, DUTY_HOLDER)
+    assert call.needs_call_sheet is True
+    assert call.ring_seconds is None and call.within_ring_limit is None  # no agent phone rang
+    assert call.talk_seconds == pytest.approx(2, abs=0.5)
+
+
+def test_duty_mobile_not_answering_leads_to_voicemail() -> None:
+    _, decisions = run(fixture_messages("after_hours_voicemail"))
+    [call] = [d.record for d in decisions if isinstance(d, CallEnded)]
+    assert call.disposition is Disposition.VOICEMAIL
+    assert (call.forwarded_to, call.duty_holder, call.answered_by) == (DUTY_MOBILE, DUTY_HOLDER, None)
+    assert [d.kind for d in decisions if isinstance(d, Violation)] == [ViolationKind.UNANSWERED]
+
+
+def test_every_phone_busy_in_hours_goes_through_every_stage_to_voicemail() -> None:
+    _, decisions = run(fixture_messages("all_busy_voicemail"))
+    [call] = [d.record for d in decisions if isinstance(d, CallEnded)]
+    assert call.disposition is Disposition.VOICEMAIL and call.after_hours is False
+    legs = [leg.endpoint for d in decisions if isinstance(d, CallEnded) for leg in d.legs]
+    assert {"agent101", "agent102", "agent103", "carrier"} <= set(legs)
+
+
+def test_captured_refused_dial_out() -> None:
+    _, decisions = run(fixture_messages("outbound_refused"))
+    [violation] = decisions
+    assert isinstance(violation, Violation)
+    assert (violation.detail("extension"), violation.detail("digits")) == ("agent101", "13800138000")
+
+
+def test_captured_leak_is_caught_by_the_guard() -> None:
+    _, decisions = run(fixture_messages("outbound_leaked"))
+    hangups = [d for d in decisions if isinstance(d, HangupChannel)]
+    violations = [d for d in decisions if isinstance(d, Violation)]
+    assert len(hangups) == 1 and hangups[0].channel.startswith("PJSIP/carrier-")
+    assert [v.detail("stopped_by") for v in violations] == ["guard"]
+    assert not [d for d in decisions if isinstance(d, CallStarted)]  # not a hotline call

@@ -40,7 +40,7 @@ def test_captured_stream_fed_byte_by_byte_equals_whole(name: str) -> None:
     framer = AmiFramer()
     one_by_one = [m for i in range(len(data)) for m in framer.feed(data[i:i + 1])]
     assert one_by_one == parse_stream(data)
-    assert len(one_by_one) > 5
+    assert len(one_by_one) >= 3
 
 
 def test_chinese_names_survive_in_captured_stream() -> None:
