@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import structlog
@@ -22,7 +22,7 @@ import structlog
 from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.config import DutySettings
 from pbx_bridge.dialplan import b64
-from pbx_bridge.schedule import Schedule
+from pbx_bridge.schedule import Override, Schedule, parse_hours
 
 log = structlog.get_logger("pbx_bridge.routing")
 
@@ -80,6 +80,20 @@ async def rostered_duty(conn: asyncpg.Connection, now: datetime) -> tuple[str, s
     return (row["holder"], row["mobile"]) if row is not None else None
 
 
+async def database_overrides(conn: asyncpg.Connection, around: date) -> list[Override]:
+    """Schedule overrides stored in the database from a week before `around` on; bad rows are
+    logged and skipped, never fatal."""
+    rows = await conn.fetch("SELECT day, hours, reason FROM schedule_overrides WHERE day >= $1 ORDER BY day",
+                            around - timedelta(days=7))
+    overrides = []
+    for row in rows:
+        try:
+            overrides.append(Override(row["day"], parse_hours(list(row["hours"])), f"{row['reason']} (database)"))
+        except ValueError as exc:
+            log.error("schedule_override_invalid", day=row["day"].isoformat(), error=str(exc))
+    return overrides
+
+
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
@@ -96,6 +110,8 @@ class RoutingPublisher:
         self._refresh = refresh_seconds
         self._stopping = asyncio.Event()
         self._warned_calendar_on: str | None = None
+        self._db_overrides: list[Override] = []
+        self._effective = schedule
         self.current: RoutingState | None = None
         self.published_at: float | None = None
 
@@ -116,14 +132,16 @@ class RoutingPublisher:
                 await self._wait(2.0)
                 continue
             now = self._clock.now()
-            boundary = self._schedule.next_boundary(now)
+            boundary = self._effective.next_boundary(now)
             until_boundary = (boundary - now).total_seconds() + 0.05 if boundary else self._refresh
             await self._wait(max(0.05, min(self._refresh, until_boundary)))
 
     async def publish(self) -> RoutingState:
         """Compute the state now and write it to AstDB (open, mobile, holder, heartbeat)."""
         now = self._clock.now()
-        state = routing_state(self._schedule, now, self._duty, await self._roster(now))
+        rostered, overrides = await self._from_database(now)
+        self._effective = self._schedule.with_overrides(overrides)
+        state = routing_state(self._effective, now, self._duty, rostered)
         self._warn_if_calendar_missing(now)
         for key, value in (("open", "1" if state.open else "0"), ("mobile", state.mobile or ""),
                            ("holder_b64", b64(state.holder)), ("updated", str(int(time.time())))):
@@ -138,21 +156,24 @@ class RoutingPublisher:
         self.published_at = time.monotonic()
         return state
 
-    async def _roster(self, now: datetime) -> tuple[str, str] | None:
+    async def _from_database(self, now: datetime) -> tuple[tuple[str, str] | None, list[Override]]:
+        """The roster entry and the schedule overrides; (None, last known) if the database is down."""
         try:
             conn = await asyncio.wait_for(self._connect(), 5)
+            try:
+                rostered = await rostered_duty(conn, now)
+                self._db_overrides = await database_overrides(conn, now.astimezone(self._schedule.zone).date())
+            finally:
+                await conn.close()
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            log.warning("duty_roster_unavailable", error=str(exc) or type(exc).__name__,
-                        fallback_mobile=self._duty.mobile)
-            return None
-        try:
-            return await rostered_duty(conn, now)
-        finally:
-            await conn.close()
+            log.warning("routing_database_unavailable", error=str(exc) or type(exc).__name__,
+                        fallback_mobile=self._duty.mobile, overrides="last known")
+            return None, self._db_overrides
+        return rostered, self._db_overrides
 
     def _warn_if_calendar_missing(self, now: datetime) -> None:
         today = now.astimezone(self._schedule.zone).date()
-        if not self._schedule.day(today).calendar_known and self._warned_calendar_on != today.isoformat():
+        if not self._effective.day(today).calendar_known and self._warned_calendar_on != today.isoformat():
             self._warned_calendar_on = today.isoformat()
             log.error("holiday_calendar_missing_year", year=today.year,
                       effect="weekly hours only: statutory holidays and 调休 are not applied",

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from datetime import date, datetime
 
+import asyncpg
 import pytest
 
 from tests.support.calls import fetch, one_call
@@ -127,3 +129,48 @@ async def test_pbx_bridge_down_static_fallback(devenv: DevEnv, asterisk_time: st
     assert goes_to in legs, legs
     if goes_to == "carrier":
         assert not {"agent101", "agent102"} & legs  # after hours: the agents' phones never rang
+
+
+async def execute(dsn: str, query: str, *args: object) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(query, *args)
+    finally:
+        await conn.close()
+
+
+async def test_roster_decides_who_holds_the_mobile(bridge_at: list[BridgeProcess], devenv: DevEnv) -> None:
+    night = "2026-11-24T20:00:00+08:00"
+    await execute(devenv.dsn, "INSERT INTO duty_roster (holder, mobile, starts_at, ends_at) "
+                              "VALUES ('李雷', '13700137000', $1, $2)",
+                  datetime.fromisoformat("2026-11-24T17:30:00+08:00"), datetime.fromisoformat(
+                      "2026-11-25T09:00:00+08:00"))
+    try:
+        process = BridgeProcess(devenv.config_path, business_time=night)
+        bridge_at.append(process)
+        await asyncio.to_thread(process.start)
+        number = new_caller_number()
+        async with connect_world(devenv) as world:
+            await world.set_phone(number, "13700137000", answer(1, 1))
+            await world.call(devenv.hotline_numbers[0], number, "找值班")
+        row = await one_call(devenv.dsn, number, timeout=20)
+    finally:
+        await execute(devenv.dsn, "DELETE FROM duty_roster WHERE holder = '李雷'")
+    assert (row["disposition"], row["forwarded_to"], row["duty_holder"]) == ("forwarded", "13700137000", "李雷")
+
+
+async def test_a_database_override_closes_a_working_day(bridge_at: list[BridgeProcess], devenv: DevEnv) -> None:
+    await execute(devenv.dsn, "INSERT INTO schedule_overrides (day, hours, reason) VALUES ($1, '{}', '年会')",
+                  date(2026, 11, 25))
+    try:
+        process = BridgeProcess(devenv.config_path, business_time="2026-11-25T10:00:00+08:00")  # Wednesday
+        bridge_at.append(process)
+        await asyncio.to_thread(process.start)
+        [published] = process.events("routing_state_published")
+        number = new_caller_number()
+        await call_with_agents_and_mobile_answering(devenv, number)
+        row = await one_call(devenv.dsn, number, timeout=20)
+    finally:
+        await execute(devenv.dsn, "DELETE FROM schedule_overrides WHERE day = $1", date(2026, 11, 25))
+    assert published["open"] is False and "年会 (database)" in published["reason"]
+    assert row["disposition"] == "forwarded" and row["after_hours"] is True
