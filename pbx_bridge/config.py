@@ -220,6 +220,21 @@ class HoursSettings(Section):
         return Schedule(weekly, parse_hours(self.adjusted_workday), calendar, overrides, zone)
 
 
+class AlertSettings(Section):
+    """[alerts]: where rule breaches are POSTed as JSON (besides the log and the metrics)."""
+
+    webhook_url: str | None = None
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    webhook_attempts: int = Field(default=5, ge=1, le=20)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://[^\s/]+", url):
+            raise ValueError("must be an http:// or https:// URL")
+        return url
+
+
 class ApiSettings(Section):
     """[api]: the ops HTTP API."""
 
@@ -253,6 +268,7 @@ class Settings(Section):
     ring: RingSettings = RingSettings()
     hours: HoursSettings = HoursSettings()
     duty: DutySettings = DutySettings()
+    alerts: AlertSettings = AlertSettings()
     api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
 

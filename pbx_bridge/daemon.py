@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
 import asyncpg
 import structlog
 
+from pbx_bridge.alerts import Alerter
 from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.ami.wire import AmiMessage
 from pbx_bridge.config import Settings
+from pbx_bridge.metrics import Metrics
 from pbx_bridge.routing import Clock, RoutingPublisher
 from pbx_bridge.storage.writer import CallWriter
 from pbx_bridge.tracker import (
@@ -95,9 +98,24 @@ async def guard(hangups: asyncio.Queue[HangupChannel | None], ami: AmiClient) ->
             log.error("guard_hangup_failed", channel=item.channel, error=str(exc))
 
 
-async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
-                  writer: CallWriter, hangups: asyncio.Queue[HangupChannel | None]) -> None:
-    """The one consumer of AMI events: apply each to the tracker, hand decisions to the writer."""
+@dataclass(frozen=True)
+class Outputs:
+    """Where the tracker's decisions go."""
+
+    writer: CallWriter
+    hangups: asyncio.Queue[HangupChannel | None]
+    alerter: Alerter
+    metrics: Metrics
+
+
+def alert_of(violation: Violation) -> dict[str, object]:
+    """The webhook payload of a rule breach."""
+    return {"service": "pbx-bridge", "kind": str(violation.kind), "linkedid": violation.linkedid,
+            "occurred_at": violation.occurred_at.isoformat(), "details": dict(violation.details)}
+
+
+async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings, out: Outputs) -> None:
+    """The one consumer of AMI events: apply each to the tracker, route what it decides."""
     state = TrackerState()
     while True:
         event = await queue.get()
@@ -108,11 +126,17 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
         state, decisions = apply(state, event, settings)
         for decision in decisions:
             if isinstance(decision, HangupChannel):
-                hangups.put_nowait(decision)  # first: the guard must act within 250 ms
+                out.hangups.put_nowait(decision)  # first: the guard must act within 250 ms
         for decision in decisions:
             _log_decision(decision)
-            if not isinstance(decision, CallLost | HangupChannel):
-                writer.submit(decision)
+            if isinstance(decision, CallLost | HangupChannel):
+                continue
+            out.writer.submit(decision)
+            if isinstance(decision, Violation):
+                out.metrics.violations.labels(str(decision.kind)).inc()
+                out.alerter.submit(alert_of(decision))
+            elif isinstance(decision, CallEnded):
+                out.metrics.calls.labels(str(decision.record.disposition)).inc()
 
 
 async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -154,9 +178,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         ping_interval=settings.ami.ping_interval_seconds, ping_timeout=settings.ami.ping_timeout_seconds,
         reconnect_max=settings.ami.reconnect_max_seconds, on_session=after_login,
     )
+    metrics = Metrics()
+    alerter = Alerter(settings.alerts.webhook_url, metrics, timeout=settings.alerts.webhook_timeout_seconds,
+                      attempts=settings.alerts.webhook_attempts)
     publisher = RoutingPublisher(ami, settings.hours.schedule(settings.zone), settings.duty,
                                  Clock.from_environment(), lambda: asyncpg.connect(dsn),
-                                 settings.hotline.state_refresh_seconds)
+                                 settings.hotline.state_refresh_seconds, metrics)
+    outputs = Outputs(writer, hangups, alerter, metrics)
     if settings.duty.mobile is None:
         log.warning("no_duty_mobile", effect="after-hours calls go to voicemail", fix="set [duty] mobile")
     log.info("pbx_bridge_starting", ami=f"{settings.ami.host}:{settings.ami.port}",
@@ -164,7 +192,8 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(ami.run(), name="ami")
-            tasks.create_task(consume(queue, tracker_settings(settings), writer, hangups), name="tracker")
+            tasks.create_task(consume(queue, tracker_settings(settings), outputs), name="tracker")
+            tasks.create_task(alerter.run(), name="alerts")
             tasks.create_task(writer.run(), name="writer")
             tasks.create_task(publisher.run(), name="routing")
             tasks.create_task(guard(hangups, ami), name="guard")
@@ -176,6 +205,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             ami.stop()
             queue.put_nowait(_STOP)
             hangups.put_nowait(None)
+            alerter.stop()
             writer.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,6 +22,7 @@ import structlog
 from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.config import DutySettings
 from pbx_bridge.dialplan import b64
+from pbx_bridge.metrics import Metrics
 from pbx_bridge.schedule import Override, Schedule, parse_hours
 
 log = structlog.get_logger("pbx_bridge.routing")
@@ -101,13 +102,14 @@ class RoutingPublisher:
     """Keeps the AstDB routing state fresh; one owned task (`run`), plus `publish` on AMI login."""
 
     def __init__(self, ami: AmiClient, schedule: Schedule, duty: DutySettings, clock: Clock, connect: Connect,
-                 refresh_seconds: float) -> None:
+                 refresh_seconds: float, metrics: Metrics) -> None:
         self._ami = ami
         self._schedule = schedule
         self._duty = duty
         self._clock = clock
         self._connect = connect
         self._refresh = refresh_seconds
+        self._metrics = metrics
         self._stopping = asyncio.Event()
         self._warned_calendar_on: str | None = None
         self._db_overrides: list[Override] = []
@@ -154,6 +156,7 @@ class RoutingPublisher:
                      reason=state.reason, business_time=now.astimezone(self._schedule.zone).isoformat())
         self.current = state
         self.published_at = time.monotonic()
+        self._metrics.hotline_open.set(1 if state.open else 0)
         return state
 
     async def _from_database(self, now: datetime) -> tuple[tuple[str, str] | None, list[Override]]:
@@ -173,6 +176,7 @@ class RoutingPublisher:
 
     def _warn_if_calendar_missing(self, now: datetime) -> None:
         today = now.astimezone(self._schedule.zone).date()
+        self._metrics.calendar_known.set(1 if self._effective.day(today).calendar_known else 0)
         if not self._effective.day(today).calendar_known and self._warned_calendar_on != today.isoformat():
             self._warned_calendar_on = today.isoformat()
             log.error("holiday_calendar_missing_year", year=today.year,
