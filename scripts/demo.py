@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import asyncpg  # noqa: E402
 
+from pbx_bridge.config import load_settings  # noqa: E402
 from pbx_bridge.logs import configure_logging  # noqa: E402
 from tests.support.env import DevEnv, load_devenv  # noqa: E402
 from tests.support.world import IGNORE, answer, connect_world  # noqa: E402
@@ -32,8 +33,8 @@ from tests.support.world import IGNORE, answer, connect_world  # noqa: E402
 DEMO_CALLER = "13800138000"
 ZONE = ZoneInfo("Asia/Shanghai")
 SHOWN = ("linkedid", "did", "caller_number", "caller_name", "started_at", "ring_started_at", "answered_at",
-         "ended_at", "ring_seconds", "rings", "within_ring_limit", "answered_by", "disposition", "talk_seconds",
-         "hangup_cause", "source")
+         "ended_at", "ring_seconds", "rings", "within_ring_limit", "answered_by", "answered_stage", "disposition",
+         "after_hours", "forwarded_to", "duty_holder", "needs_call_sheet", "talk_seconds", "hangup_cause", "source")
 
 
 def show_log(stream: IO[str], connected: threading.Event) -> None:
@@ -58,8 +59,15 @@ async def demo_call(env: DevEnv) -> None:
         since = datetime.now(UTC) - timedelta(seconds=1)
         await world.set_phone(DEMO_CALLER, "agent101", answer(7, 4))
         await world.set_phone(DEMO_CALLER, "agent102", IGNORE)
-        print(f"\n>>> placing a demo call: {DEMO_CALLER} (张三客户) -> {env.hotline_numbers[0]}; "
-              "agent101 answers after 7 s and talks 4 s\n", flush=True)
+        await world.set_phone(DEMO_CALLER, env.duty_mobile, answer(3, 4))
+        settings = load_settings(env.config_path)
+        now = datetime.now(settings.zone)
+        if settings.hours.schedule(settings.zone).is_open(now):
+            expect = "business hours: agent101 answers after 7 s and talks 4 s"
+        else:
+            expect = f"after hours: forwarded to the duty mobile {env.duty_mobile}, answered after 3 s"
+        print(f"\n>>> placing a demo call at {now:%H:%M} {ZONE.key}: {DEMO_CALLER} (张三客户) -> "
+              f"{env.hotline_numbers[0]}; {expect}\n", flush=True)
         await world.call(env.hotline_numbers[0], DEMO_CALLER, "张三客户")
         for _ in range(150):
             await asyncio.sleep(0.2)
