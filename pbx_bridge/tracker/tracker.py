@@ -34,6 +34,7 @@ CHANNEL_STATE_RING = "4"  # inbound channel offered to Asterisk
 CHANNEL_STATE_RINGING = "5"  # outbound channel ringing at the far end
 RINGING_DIAL_STATUSES = frozenset({"RINGING", "PROGRESS"})
 UNANSWERED_DISPOSITIONS = frozenset({Disposition.MISSED, Disposition.FORWARD_MISSED, Disposition.VOICEMAIL})
+FORWARD_MARK_TTL = timedelta(minutes=10)
 KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail"})
 ANSWERING_STAGES = frozenset({"group", "escalation", "mobile"})
 
@@ -81,6 +82,10 @@ class TrackerState:
     """All calls in progress, by Linkedid. Never mutated: `apply` returns a new one."""
 
     calls: Mapping[str, CallState] = field(default_factory=dict)
+    # Linkedids the dialplan announced a forward for (UserEvent HotlineStage, Stage: mobile)
+    # though the call itself is not tracked (e.g. it began before pbx-bridge started): the
+    # guard lets their trunk legs through. Forgotten after FORWARD_MARK_TTL.
+    forward_marks: Mapping[str, datetime] = field(default_factory=dict)
 
 
 def endpoint_of(channel: str) -> str:
@@ -122,6 +127,10 @@ def apply(
         if started is not None:
             new_state = replace(state, calls={**state.calls, linkedid: started})
             return new_state, [CallStarted(_record(started, settings))]
+        if _is_forward_announcement(event):
+            return replace(state, forward_marks={**state.forward_marks, linkedid: when}), []
+        if linkedid in state.forward_marks:
+            return state, []
         return state, _guard(event, when, settings)
 
     updated = _advance(call, event, when)
@@ -141,8 +150,17 @@ def apply(
     return replace(state, calls={**state.calls, linkedid: updated}), []
 
 
+def _is_forward_announcement(event: AmiMessage) -> bool:
+    return (event.event == "UserEvent" and event.get("UserEvent") == "HotlineStage"
+            and event.get("Stage") == "mobile")
+
+
 def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tuple[TrackerState, list[Decision]]:
-    """Report, once per call, a ring limit passing while the agents' phones still ring."""
+    """Report, once per call, a ring limit passing while the agents' phones still ring;
+    forget old forward marks."""
+    if any(now - at > FORWARD_MARK_TTL for at in state.forward_marks.values()):
+        state = replace(state, forward_marks={k: at for k, at in state.forward_marks.items()
+                                              if now - at <= FORWARD_MARK_TTL})
     limit = settings.max_rings * settings.ring_period_seconds
     decisions: list[Decision] = []
     changed: dict[str, CallState] = {}
@@ -157,7 +175,7 @@ def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tupl
             decisions.append(_ring_limit_violation(call, _record(call, settings), settings,
                                                    at=started + timedelta(seconds=limit)))
     if not changed:
-        return state, []
+        return state, decisions
     return replace(state, calls={**state.calls, **changed}), decisions
 
 
@@ -180,7 +198,7 @@ def _outbound_attempt(event: AmiMessage, when: datetime) -> Violation:
 
 def _guard(event: AmiMessage, when: datetime, settings: TrackerSettings) -> list[Decision]:
     """Second line of defence: an outbound channel on the hotline trunk that is neither a
-    forward of a hotline call (those share its Linkedid) nor pbx-bridge's own is hung up."""
+    forward (of a tracked call, or announced by the dialplan) nor pbx-bridge's own is hung up."""
     if event.event != "Newchannel" or event.get("ChannelState") != CHANNEL_STATE_DOWN:
         return []
     channel = event.get("Channel")

@@ -344,3 +344,21 @@ def test_captured_leak_is_caught_by_the_guard() -> None:
     assert len(hangups) == 1 and hangups[0].channel.startswith("PJSIP/carrier-")
     assert [v.detail("stopped_by") for v in violations] == ["guard"]
     assert not [d for d in decisions if isinstance(d, CallStarted)]  # not a hotline call
+
+
+def test_a_forward_announced_by_the_dialplan_passes_the_guard_even_for_an_untracked_call() -> None:
+    # A call that began before pbx-bridge started is not tracked; the dialplan's stage event
+    # right before it dials the mobile marks the forward as the system's own.
+    mark = parse_message("Event: UserEvent\r\nTimestamp: 1795429999.9\r\nUserEvent: HotlineStage\r\n"
+                         "Stage: mobile\r\nChannel: PJSIP/carrier-00000049\r\nUniqueid: pbx-9.1\r\nLinkedid: pbx-9.1")
+    state, decisions = apply(TrackerState(), mark, SETTINGS)
+    assert decisions == [] and "pbx-9.1" in state.forward_marks
+    assert apply(state, _trunk_newchannel("pbx-9.2", "pbx-9.1"), SETTINGS)[1] == []
+    later = datetime.fromtimestamp(1795429999.9 + 11 * 60).astimezone()
+    state, _ = apply(state, Tick(later), SETTINGS)
+    assert state.forward_marks == {}
+
+
+def test_captured_after_hours_forward_is_not_touched_by_the_guard() -> None:
+    _, decisions = run(fixture_messages("after_hours_forwarded"))
+    assert not [d for d in decisions if isinstance(d, HangupChannel | Violation)]
