@@ -153,6 +153,19 @@ class DutySettings(Section):
     mobile: str | None = None
     holder: str = Field(default="", max_length=100)
     ring_seconds: float = Field(default=25.0, gt=0, le=300)
+    # Numbers the roster (PUT /duty) may name: China mobile numbers by default.
+    mobile_pattern: str = r"^1[3-9][0-9]{9}$"
+
+    @field_validator("mobile_pattern")
+    @classmethod
+    def _regex(cls, pattern: str) -> str:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if compiled.match("") or compiled.match("1;DROP") or not pattern.startswith("^") or not pattern.endswith("$"):
+            raise ValueError("must be anchored (^...$) and match digits only")
+        return pattern
 
     @field_validator("mobile")
     @classmethod
@@ -241,6 +254,26 @@ class ApiSettings(Section):
     listen: str = "127.0.0.1:8400"
     token: SecretStr | None = None
     token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Self:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set only one of token and token_file")
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError("token: use at least 16 characters")
+        return self
+
+    def resolved_token(self) -> SecretStr | None:
+        """The bearer token for state-changing requests (None: such requests are refused)."""
+        if self.token_file is not None:
+            return _read_secret_file(self.token_file, "api.token_file")
+        return self.token
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """`listen` split into host and port."""
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @field_validator("listen")
     @classmethod
@@ -331,6 +364,7 @@ def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings
     try:
         settings = Settings.model_validate(raw)
         settings.ami.resolved_secret()
+        settings.api.resolved_token()
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from None
     except ValueError as exc:

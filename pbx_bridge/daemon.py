@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import structlog
@@ -20,6 +22,15 @@ import structlog
 from pbx_bridge.alerts import Alerter
 from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.ami.wire import AmiMessage
+from pbx_bridge.api import (
+    ApiContext,
+    Component,
+    LiveState,
+    component_age,
+    create_app,
+    database_component,
+    serve,
+)
 from pbx_bridge.config import Settings
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.routing import Clock, RoutingPublisher
@@ -41,6 +52,33 @@ from pbx_bridge.tracker import (
 log = structlog.get_logger("pbx_bridge.daemon")
 
 _STOP: Final = None
+
+
+def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publisher: RoutingPublisher,
+                  connect: Callable[[], Awaitable[asyncpg.Connection]]) -> dict[str, Component]:
+    """What /healthz reports: AMI and database are critical; the rest informs."""
+    async def ami_check() -> tuple[bool, dict[str, Any]]:
+        return ami.connected.is_set(), {"sessions": ami.sessions, "reconnects": ami.reconnects}
+
+    async def writer_check() -> tuple[bool, dict[str, Any]]:
+        since = writer.oldest_pending_since
+        lag = None if since is None else round(time.monotonic() - since, 1)
+        return lag is None or lag < 30, {"pending": writer.pending, "lag_seconds": lag,
+                                         "spool": str(settings.database.spool_path), "dropped": writer.dropped}
+
+    async def calendar_check() -> tuple[bool, dict[str, Any]]:
+        today = datetime.now(settings.zone).date()
+        known = settings.hours.schedule(settings.zone).day(today).calendar_known
+        return known, {"year": today.year, "holidays": "known" if known else "missing: weekly hours only"}
+
+    return {
+        "ami": ami_check,
+        "database": database_component(connect),
+        "writer": writer_check,
+        "routing_state": component_age("published_seconds_ago", lambda: publisher.published_at,
+                                       settings.hotline.state_max_age_seconds),
+        "holiday_calendar": calendar_check,
+    }
 
 
 def tracker_settings(settings: Settings) -> TrackerSettings:
@@ -100,12 +138,13 @@ async def guard(hangups: asyncio.Queue[HangupChannel | None], ami: AmiClient) ->
 
 @dataclass(frozen=True)
 class Outputs:
-    """Where the tracker's decisions go."""
+    """Where the tracker's decisions go (and its latest state, for the ops API)."""
 
     writer: CallWriter
     hangups: asyncio.Queue[HangupChannel | None]
     alerter: Alerter
     metrics: Metrics
+    live: LiveState
 
 
 def alert_of(violation: Violation) -> dict[str, object]:
@@ -124,6 +163,7 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
                 log.warning("calls_in_progress_at_shutdown", count=len(state.calls))
             return
         state, decisions = apply(state, event, settings)
+        out.live.state = state
         for decision in decisions:
             if isinstance(decision, HangupChannel):
                 out.hangups.put_nowait(decision)  # first: the guard must act within 250 ms
@@ -157,7 +197,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     writer.replay_spool()
     queue: asyncio.Queue[TrackerInput] = asyncio.Queue()
     hangups: asyncio.Queue[HangupChannel | None] = asyncio.Queue()
-    ticking_stopped = asyncio.Event()
+    shutting_down = asyncio.Event()
 
     publisher: RoutingPublisher | None = None
 
@@ -184,7 +224,15 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     publisher = RoutingPublisher(ami, settings.hours.schedule(settings.zone), settings.duty,
                                  Clock.from_environment(), lambda: asyncpg.connect(dsn),
                                  settings.hotline.state_refresh_seconds, metrics)
-    outputs = Outputs(writer, hangups, alerter, metrics)
+    live = LiveState()
+    outputs = Outputs(writer, hangups, alerter, metrics, live)
+    api = create_app(ApiContext(
+        metrics=metrics, live=live, connect=lambda: asyncpg.connect(dsn),
+        health=health_checks(settings, ami, writer, publisher, lambda: asyncpg.connect(dsn)),
+        critical=frozenset({"ami", "database"}),
+        token=(token.get_secret_value() if (token := settings.api.resolved_token()) else None),
+        mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish))
+    host, port = settings.api.host_port
     if settings.duty.mobile is None:
         log.warning("no_duty_mobile", effect="after-hours calls go to voicemail", fix="set [duty] mobile")
     log.info("pbx_bridge_starting", ami=f"{settings.ami.host}:{settings.ami.port}",
@@ -197,11 +245,12 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             tasks.create_task(writer.run(), name="writer")
             tasks.create_task(publisher.run(), name="routing")
             tasks.create_task(guard(hangups, ami), name="guard")
-            tasks.create_task(tick(queue, ticking_stopped), name="ticker")
+            tasks.create_task(tick(queue, shutting_down), name="ticker")
+            tasks.create_task(serve(api, host, port, shutting_down.wait), name="api")
             await stop.wait()
             log.info("pbx_bridge_stopping")
             publisher.stop()
-            ticking_stopped.set()
+            shutting_down.set()
             ami.stop()
             queue.put_nowait(_STOP)
             hangups.put_nowait(None)

@@ -432,3 +432,33 @@ def _agents_stopped(call: CallState) -> datetime | None:
     if not legs or any(leg.ended_at is None for leg in legs) or "mobile" not in call.stages:
         return None
     return max(leg.ended_at for leg in legs if leg.ended_at is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCall:
+    """A call ringing or talking right now, as the ops API shows it."""
+
+    linkedid: str
+    did: str
+    caller_number: str
+    caller_name: str
+    started_at: datetime
+    state: str  # ringing | talking
+    stage: str | None
+    ring_seconds: float | None  # so far, or until answered
+    answered_by: str | None
+
+
+def live_calls(state: TrackerState, now: datetime) -> list[LiveCall]:
+    """The calls in progress at `now`, oldest first."""
+    out = []
+    for call in sorted(state.calls.values(), key=lambda c: c.started_at):
+        answered = call.legs.get(call.answered_leg) if call.answered_leg else None
+        started = _ring_started_at(call)
+        ring_end = answered.answered_at if answered is not None else now
+        out.append(LiveCall(
+            linkedid=call.linkedid, did=call.did, caller_number=call.caller_number, caller_name=call.caller_name,
+            started_at=call.started_at, state="talking" if answered is not None else "ringing",
+            stage=call.stages[-1] if call.stages else None, ring_seconds=_seconds(started, ring_end),
+            answered_by=answered.endpoint if answered is not None else None))
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -21,11 +22,13 @@ from tests.support.world import answer, connect_world, new_caller_number
 pytestmark = pytest.mark.e2e
 
 
-async def violations_for(dsn: str, key: str, value: str, timeout: float = 15) -> list[asyncpg.Record]:
+async def violations_for(dsn: str, key: str, value: str, since: datetime,
+                         timeout: float = 15) -> list[asyncpg.Record]:
+    """This test's outbound_attempt violations: detail `key` = `value`, occurred after `since`."""
     deadline = time.monotonic() + timeout
     while True:
         rows = await fetch(dsn, "SELECT * FROM policy_violations WHERE kind = 'outbound_attempt' "
-                                "AND details ->> $1 = $2 ORDER BY id", key, value)
+                                "AND details ->> $1 = $2 AND occurred_at >= $3 ORDER BY id", key, value, since)
         if rows:
             return rows
         if time.monotonic() > deadline:
@@ -35,11 +38,11 @@ async def violations_for(dsn: str, key: str, value: str, timeout: float = 15) ->
 
 async def test_a_hotline_phone_dialling_out_is_refused_and_recorded(bridge: BridgeProcess,
                                                                    devenv: DevEnv) -> None:
-    digits = new_caller_number()
+    digits, since = new_caller_number(), datetime.now(UTC)
     async with connect_world(devenv) as world:
         await world.set_phone("agent101", digits, answer(1, 5))  # the outside number would answer
         await world.dial_out("agent101", digits)
-    [row] = await violations_for(devenv.dsn, "digits", digits)
+    [row] = await violations_for(devenv.dsn, "digits", digits, since)
     assert row["details"]["extension"] == "agent101"
     assert row["details"]["stopped_by"] == "dialplan"
     await asyncio.sleep(1)
@@ -50,12 +53,12 @@ async def test_a_hotline_phone_dialling_out_is_refused_and_recorded(bridge: Brid
 
 async def test_the_guard_hangs_up_a_leaked_outbound_call_within_250_ms(bridge: BridgeProcess,
                                                                      devenv: DevEnv) -> None:
-    digits = new_caller_number()
+    digits, since = new_caller_number(), datetime.now(UTC)
     async with connect_world(devenv) as world:
         await world.set_phone("leaky", digits, answer(3, 5))  # would connect after 3 s if not stopped
         await world.dial_out("leaky", digits)
     await asyncio.to_thread(bridge.wait_for, "guard_hangup_done", 10)
-    [row] = await violations_for(devenv.dsn, "stopped_by", "guard")
+    [row] = await violations_for(devenv.dsn, "stopped_by", "guard", since)
     channel = row["details"]["channel"]
     await asyncio.sleep(1)  # CEL rows of the hangup
     cel = {r["eventtype"]: r["eventtime"] for r in await fetch(

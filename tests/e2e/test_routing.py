@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -18,6 +18,7 @@ import pytest
 from tests.support.calls import fetch, one_call
 from tests.support.daemon import BridgeProcess
 from tests.support.env import DevEnv
+from tests.support.ops import api_token, ops
 from tests.support.world import IGNORE, answer, connect_pbx_admin, connect_world, new_caller_number
 
 pytestmark = pytest.mark.e2e
@@ -174,3 +175,24 @@ async def test_a_database_override_closes_a_working_day(bridge_at: list[BridgePr
         await execute(devenv.dsn, "DELETE FROM schedule_overrides WHERE day = $1", date(2026, 11, 25))
     assert published["open"] is False and "年会 (database)" in published["reason"]
     assert row["disposition"] == "forwarded" and row["after_hours"] is True
+
+
+async def test_put_duty_reroutes_after_hours_calls_at_once(bridge_at: list[BridgeProcess], devenv: DevEnv) -> None:
+    process = BridgeProcess(devenv.config_path, business_time="2026-11-24T21:00:00+08:00")
+    bridge_at.append(process)
+    await asyncio.to_thread(process.start)
+    now = datetime.now(UTC)  # the roster is kept in real time; the business clock only routes
+    entry = {"holder": "韩梅梅", "mobile": "13600136000", "starts_at": (now - timedelta(days=400)).isoformat(),
+             "ends_at": (now + timedelta(days=400)).isoformat()}
+    assert (await ops(devenv, "PUT", "/duty", {"entries": [entry]}))[0] == 401  # no token
+    status, _ = await ops(devenv, "PUT", "/duty", {"entries": [entry]}, token=api_token())
+    try:
+        assert status == 200
+        number = new_caller_number()
+        async with connect_world(devenv) as world:
+            await world.set_phone(number, "13600136000", answer(1, 1))
+            await world.call(devenv.hotline_numbers[0], number, "新值班")
+        row = await one_call(devenv.dsn, number, timeout=20)
+    finally:
+        await execute(devenv.dsn, "DELETE FROM duty_roster WHERE holder = '韩梅梅'")
+    assert (row["forwarded_to"], row["duty_holder"]) == ("13600136000", "韩梅梅")

@@ -1,0 +1,70 @@
+"""End to end: /healthz follows AMI and the database down and back; /calls/live shows a real
+ringing call."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import BridgeProcess
+from tests.support.env import REPO, STATE, DevEnv
+from tests.support.ops import ops
+from tests.support.world import IGNORE, connect_world, new_caller_number
+
+pytestmark = pytest.mark.e2e
+
+
+async def health_becomes(env: DevEnv, status: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = await ops(env, "GET", "/healthz")
+        if code == status:
+            return dict(body)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/healthz stayed {code}: {body}")
+        await asyncio.sleep(0.5)
+
+
+async def test_healthz_follows_ami_down_and_back(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    body = await health_becomes(devenv, 200, 10)
+    assert body["components"]["ami"]["ok"] and body["components"]["routing_state"]["ok"]
+    pid = int((STATE / "sandbox" / "pbx.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        body = await health_becomes(devenv, 503, 30)  # ping unanswered -> reconnecting
+        assert body["components"]["ami"]["ok"] is False
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await health_becomes(devenv, 200, 40)
+
+
+async def test_healthz_follows_the_database_down_and_back(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    pg = [str(REPO / "scripts" / "pg.sh")]
+    port = os.environ.get("PBX_BRIDGE_PG_PORT", "15432")
+    await asyncio.to_thread(subprocess.run, [*pg, "stop", str(STATE / "pg")], check=True, capture_output=True)
+    try:
+        body = await health_becomes(devenv, 503, 15)
+        assert body["components"]["database"]["ok"] is False and body["components"]["ami"]["ok"] is True
+    finally:
+        await asyncio.to_thread(subprocess.run, [*pg, "start", str(STATE / "pg"), port], check=True,
+                                capture_output=True)
+    await health_becomes(devenv, 200, 15)
+
+
+async def test_calls_live_shows_a_ringing_call(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    number = new_caller_number()
+    async with connect_world(devenv) as world:
+        for phone in ("agent101", "agent102"):
+            await world.set_phone(number, phone, IGNORE)
+        await world.call(devenv.hotline_numbers[0], number, "正在响", patience=8)
+        await asyncio.sleep(4)
+        status, body = await ops(devenv, "GET", "/calls/live")
+    [call] = [c for c in body["calls"] if c["caller_number"] == number]
+    assert status == 200 and call["state"] == "ringing" and call["stage"] == "group"
+    assert 3 < call["ring_seconds"] < 6 and call["caller_name"] == "正在响"

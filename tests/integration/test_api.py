@@ -1,0 +1,146 @@
+"""The ops API in-process over real HTTP, with a real database for the roster."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from pbx_bridge.api import ApiContext, LiveState, create_app, database_component, openapi_document
+from pbx_bridge.metrics import Metrics
+from pbx_bridge.tracker import TrackerSettings, TrackerState, apply
+from tests.support.fixtures import fixture_messages
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "t0ken-for-tests-0123456789"
+PATTERN = r"^1[3-9][0-9]{9}$"
+
+
+class Api:
+    def __init__(self, session: ClientSession, base: str, context: ApiContext, roster_changes: list[int]) -> None:
+        self.session, self.base, self.context, self.roster_changes = session, base, context, roster_changes
+
+    async def call(self, method: str, path: str, body: Any = None, token: str | None = TOKEN,
+                   raw: bytes | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+        async with self.session.request(method, self.base + path, data=data, headers=headers) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text)
+            except json.JSONDecodeError:
+                return response.status, text
+
+
+@pytest.fixture
+async def api(scratch_dsn: str) -> AsyncIterator[Api]:
+    changes: list[int] = []
+
+    async def roster_changed() -> None:
+        changes.append(1)
+
+    async def ami_down() -> tuple[bool, dict[str, Any]]:
+        return False, {"sessions": 0}
+
+    context = ApiContext(metrics=Metrics(), live=LiveState(), connect=lambda: asyncpg.connect(scratch_dsn),
+                         health={"ami": ami_down, "database": database_component(
+                             lambda: asyncpg.connect(scratch_dsn))},
+                         critical=frozenset({"ami", "database"}), token=TOKEN, mobile_pattern=PATTERN,
+                         on_roster_change=roster_changed)
+    server = TestServer(create_app(context), host="127.0.0.1")
+    await server.start_server()
+    async with ClientSession() as session:
+        yield Api(session, str(server.make_url("")), context, changes)
+    await server.close()
+
+
+def entry(holder: str, mobile: str, start_h: int, end_h: int) -> dict[str, str]:
+    base = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    return {"holder": holder, "mobile": mobile, "starts_at": (base + timedelta(hours=start_h)).isoformat(),
+            "ends_at": (base + timedelta(hours=end_h)).isoformat()}
+
+
+async def test_duty_roster_round_trip_needs_the_token_and_republishes(api: Api) -> None:
+    body = {"entries": [entry("张三", "13800138000", 0, 12), entry("李四", "13900139000", 12, 24)]}
+    assert (await api.call("PUT", "/duty", body, token=None))[0] == 401
+    assert (await api.call("PUT", "/duty", body, token="wrong-token-wrong-token"))[0] == 401
+    assert api.roster_changes == []
+    status, stored = await api.call("PUT", "/duty", body)
+    assert status == 200 and [e["holder"] for e in stored["entries"]] == ["张三", "李四"]
+    assert api.roster_changes == [1]
+    status, roster = await api.call("GET", "/duty", token=None)
+    assert status == 200 and [e["mobile"] for e in roster["entries"]] == ["13800138000", "13900139000"]
+
+
+@pytest.mark.parametrize(("entries", "problem"), [
+    ([entry("x", "4008001234", 0, 1)], "not an allowed duty mobile number"),   # the 400 number itself
+    ([entry("x", "1380013800;", 0, 1)], "not an allowed duty mobile number"),
+    ([entry("x", "13800138000", 2, 1)], "invalid roster"),                     # ends before it starts
+    ([entry("x", "13800138000", 0, 5), entry("y", "13900139000", 4, 6)], "invalid roster"),  # overlap
+    ([{"holder": "x", "mobile": "13800138000", "starts_at": "2026-11-24T09:00:00",
+       "ends_at": "2026-11-24T10:00:00"}], "invalid roster"),                  # no time zone
+    ([{**entry("x", "13800138000", 0, 1), "dial": "13800000000"}], "invalid roster"),  # unknown field
+])
+async def test_bad_rosters_are_refused_with_the_reason(api: Api, entries: list[Any], problem: str) -> None:
+    status, body = await api.call("PUT", "/duty", {"entries": entries})
+    assert status == 422 and body["error"] == problem
+    assert api.roster_changes == []
+
+
+async def test_malformed_and_oversized_bodies(api: Api) -> None:
+    assert (await api.call("PUT", "/duty", raw=b"{not json"))[0] == 422
+    status, body = await api.call("PUT", "/duty", raw=b"{" + b" " * 70_000 + b"}")
+    assert status == 413 and "error" in body
+
+
+async def test_without_a_configured_token_changes_are_refused(api: Api) -> None:
+    context = ApiContext(**{**api.context.__dict__, "token": None})
+    server = TestServer(create_app(context), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with api.session.put(str(server.make_url("/duty")), data="{}",
+                                   headers={"Authorization": "Bearer anything-at-all"}) as response:
+            assert response.status == 403
+            assert "no [api] token" in (await response.json())["error"]
+    finally:
+        await server.close()
+
+
+async def test_healthz_reports_each_component_and_503_when_a_critical_one_is_down(api: Api) -> None:
+    status, body = await api.call("GET", "/healthz", token=None)
+    assert status == 503 and body["status"] == "unavailable"
+    assert body["components"]["ami"]["ok"] is False and body["components"]["database"]["ok"] is True
+
+
+async def test_live_calls_show_a_ringing_call_and_its_ring_time(api: Api) -> None:
+    settings = TrackerSettings(hotline_numbers=frozenset({"4008001234"}), trunk="carrier")
+    state = TrackerState()
+    messages = fixture_messages("answered_7s_talk_4s")
+    for message in messages[:12]:  # up to both phones ringing
+        state, _ = apply(state, message, settings)
+    api.context.live.state = state
+    status, body = await api.call("GET", "/calls/live", token=None)
+    [call] = body["calls"]
+    assert status == 200 and call["state"] == "ringing" and call["caller_name"] == "张三客户"
+    assert call["ring_seconds"] > 0
+
+
+async def test_metrics_and_openapi(api: Api) -> None:
+    api.context.metrics.violations.labels("ring_limit").inc()
+    status, text = await api.call("GET", "/metrics", token=None)
+    assert status == 200 and 'pbx_bridge_violations_total{kind="ring_limit"} 1.0' in text
+    status, document = await api.call("GET", "/openapi.json", token=None)
+    assert status == 200 and document == json.loads(json.dumps(openapi_document()))
+    assert document["paths"]["/duty"]["put"]["security"] == [{"bearer": []}]
+
+
+async def test_unknown_paths_are_json_errors(api: Api) -> None:
+    status, body = await api.call("GET", "/nope", token=None)
+    assert status == 404 and body["error"] == "Not Found"
