@@ -61,8 +61,10 @@ async def test_the_guard_hangs_up_a_leaked_outbound_call_within_250_ms(bridge: B
     [row] = await violations_for(devenv.dsn, "stopped_by", "guard", since)
     channel = row["details"]["channel"]
     await asyncio.sleep(1)  # CEL rows of the hangup
+    # channel names restart after an Asterisk restart: the Linkedid makes them this call's
     cel = {r["eventtype"]: r["eventtime"] for r in await fetch(
-        devenv.dsn, "SELECT eventtype, eventtime FROM cel WHERE channame = $1", channel)}
+        devenv.dsn, "SELECT eventtype, eventtime FROM cel WHERE channame = $1 AND linkedid = $2",
+        channel, row["linkedid"])}
     lived = (cel["HANGUP"] - cel["CHAN_START"]).total_seconds()
     assert lived < 0.25, f"the leaked channel lived {lived * 1000:.0f} ms"
     assert "ANSWER" not in cel
