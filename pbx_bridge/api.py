@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pbx_bridge.metrics import Metrics
+from pbx_bridge.probes import ProbeRunner, RateLimitedError
 from pbx_bridge.tracker.tracker import TrackerState, live_calls
 
 log = structlog.get_logger("pbx_bridge.api")
@@ -39,6 +40,13 @@ class LiveState:
 
     def __init__(self) -> None:
         self.state = TrackerState()
+        self.last_customer_call_at: datetime | None = None  # real time a non-probe call last ended
+
+    def last_activity(self) -> datetime | None:
+        """When the hotline was last in use by a customer: now if a customer call is live."""
+        if any(c.probe_nonce is None for c in self.state.calls.values()):
+            return datetime.now(UTC)
+        return self.last_customer_call_at
 
 
 Component = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]  # something /healthz asks about
@@ -56,6 +64,7 @@ class ApiContext:
     token: str | None
     mobile_pattern: str
     on_roster_change: Callable[[], Awaitable[object]]
+    probes: ProbeRunner | None = None
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -205,6 +214,32 @@ async def put_duty(request: web.Request) -> web.Response:
          "ends_at": e.ends_at.isoformat()} for e in update.entries]})
 
 
+async def post_probe(request: web.Request) -> web.Response:
+    """Start a line probe (or return the one in flight); the number comes from configuration only."""
+    runner = request.app[CONTEXT].probes
+    if runner is None:
+        return error(503, "line probes are not configured: set [probe] caller_id")
+    raw = (await request.read()).strip()
+    if raw not in (b"", b"{}"):
+        return error(422, "a probe takes no parameters: what it dials comes from the configuration")
+    try:
+        run, started = runner.request("manual")
+    except RateLimitedError as exc:
+        response = error(429, "too many probe requests", {"retry_after_seconds": round(exc.retry_after)})
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return response
+    return web.json_response({**run.as_json(), "started": started, "url": f"/probes/{run.id}"}, status=202)
+
+
+async def get_probe(request: web.Request) -> web.Response:
+    """A probe's status and attempts."""
+    runner = request.app[CONTEXT].probes
+    run = runner.runs.get(request.match_info["id"]) if runner is not None else None
+    if run is None:
+        return error(404, "no such probe")
+    return web.json_response(run.as_json())
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 description of this API."""
     error_schema = {"type": "object", "properties": {"error": {"type": "string"}, "detail": {}}}
@@ -235,6 +270,17 @@ def openapi_document() -> dict[str, Any]:
                                       "403": json_error | {"description": "no token configured"},
                                       "422": json_error | {"description": "invalid"}}},
             },
+            "/probes": {"post": {"summary": "Start a line probe (no parameters; 202 with its id)", "security": secured,
+                                 "responses": {"202": {"description": "started or already running"},
+                                               "401": json_error | {"description": "token"},
+                                               "422": json_error | {"description": "a body was given"},
+                                               "429": json_error | {"description": "rate limited"},
+                                               "503": json_error | {"description": "probes not configured"}}}},
+            "/probes/{id}": {"get": {"summary": "A probe's status and attempts",
+                                     "parameters": [{"name": "id", "in": "path", "required": True,
+                                                     "schema": {"type": "string"}}],
+                                     "responses": {"200": {"description": "probe"},
+                                                   "404": json_error | {"description": "unknown"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "json"}}}},
         },
     }
@@ -253,6 +299,8 @@ def create_app(context: ApiContext) -> web.Application:
     app.router.add_get("/calls/live", calls_live)
     app.router.add_get("/duty", get_duty)
     app.router.add_put("/duty", put_duty)
+    app.router.add_post("/probes", post_probe)
+    app.router.add_get("/probes/{id}", get_probe)
     app.router.add_get("/openapi.json", openapi)
     return app
 

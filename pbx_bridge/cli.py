@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="run the daemon in the foreground")
     commands.add_parser("migrate", parents=[common], help="apply the SQL migrations (idempotent)")
     commands.add_parser("check-config", parents=[common], help="validate the configuration and print it")
+    commands.add_parser("probe", parents=[common],
+                        help="ask the running daemon for a line probe, wait, exit 0 only if the line is healthy")
     dialplan = commands.add_parser("dialplan", parents=[common],
                                    help="write extensions_generated.conf (the dialplan's static fallback)")
     dialplan.add_argument("--output", metavar="FILE", help="write here instead of standard output")
@@ -59,6 +62,47 @@ def _check_config(settings: Settings) -> None:
               "(upgrade the chinesecalendar package)")
     print(f"  ops API         {settings.api.listen}")
     print(f"  spool           {settings.database.spool_path}")
+
+
+EXIT_PROBE_FAILED = 1
+EXIT_DAEMON_UNREACHABLE = 3
+
+
+async def _probe(settings: Settings) -> int:
+    """POST /probes to the running daemon, poll until it finishes, print each attempt."""
+    import aiohttp
+
+    token = settings.api.resolved_token()
+    if token is None:
+        print("pbx-bridge probe: no [api] token is configured, so the daemon refuses probe requests",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    host, port = settings.api.host_port
+    base = f"http://{host}:{port}"
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
+    deadline = time.monotonic() + 4 * settings.probe.timeout_seconds + 30
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=headers) as http:
+            async with http.post(f"{base}/probes") as response:
+                body = await response.json()
+                if response.status != 202:
+                    print(f"pbx-bridge probe: refused ({response.status}): {body.get('error')}", file=sys.stderr)
+                    return EXIT_PROBE_FAILED
+            print(f"probe {body['id']} {'started' if body['started'] else 'already running'} "
+                  f"({body['trigger']}); waiting", flush=True)
+            while body["status"] == "running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                async with http.get(f"{base}/probes/{body['id']}") as response:
+                    body = await response.json()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"pbx-bridge probe: the daemon's API at {base} is unreachable: {exc}", file=sys.stderr)
+        return EXIT_DAEMON_UNREACHABLE
+    for attempt in body["attempts"]:
+        delay = f", {attempt['delay_ms']} ms dial to arrival" if attempt["delay_ms"] is not None else ""
+        reason = f" ({attempt['reason']})" if attempt["reason"] else ""
+        print(f"  attempt {attempt['attempt']}: {attempt['outcome']}{delay}{reason}")
+    print(f"line {'healthy' if body['status'] == 'ok' else 'NOT healthy'}: {body['status']}")
+    return 0 if body["status"] == "ok" else EXIT_PROBE_FAILED
 
 
 def _dialplan(settings: Settings, output: str | None, source: str) -> None:
@@ -97,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "check-config":
             _check_config(settings)
+        elif args.command == "probe":
+            raise SystemExit(asyncio.run(_probe(settings)))
         elif args.command == "dialplan":
             _dialplan(settings, args.output, str(config_path(args.config)))
         elif args.command == "migrate":

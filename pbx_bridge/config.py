@@ -233,6 +233,32 @@ class HoursSettings(Section):
         return Schedule(weekly, parse_hours(self.adjusted_workday), calendar, overrides, zone)
 
 
+class ProbeSettings(Section):
+    """[probe]: line health test calls. Numbers come only from here, never from a request."""
+
+    trunk: str | None = None  # default: the hotline trunk
+    number: str | None = None  # default: the first hotline number
+    caller_id: str | None = None  # the probe's own caller number (never a 400 number); unset: probes off
+    daily_at: str = "08:00"
+    quiet_minutes: float = Field(default=60.0, gt=0, le=24 * 60)
+    timeout_seconds: float = Field(default=20.0, ge=2, le=300)
+    manual_min_interval_seconds: float = Field(default=60.0, ge=0, le=3600)
+
+    @field_validator("number", "caller_id")
+    @classmethod
+    def _digits(cls, number: str | None) -> str | None:
+        if number is not None and not PHONE_NUMBER.match(number):
+            raise ValueError(f"{number!r} is not a phone number (3 to 20 digits)")
+        return number
+
+    @field_validator("daily_at")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        if not re.match(r"^([01][0-9]|2[0-3]):[0-5][0-9]$", value):
+            raise ValueError("must be HH:MM")
+        return value
+
+
 class AlertSettings(Section):
     """[alerts]: where rule breaches are POSTed as JSON (besides the log and the metrics)."""
 
@@ -302,6 +328,7 @@ class Settings(Section):
     hours: HoursSettings = HoursSettings()
     duty: DutySettings = DutySettings()
     alerts: AlertSettings = AlertSettings()
+    probe: ProbeSettings = ProbeSettings()
     api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
 
@@ -318,6 +345,12 @@ class Settings(Section):
     def zone(self) -> ZoneInfo:
         """The configured local time zone."""
         return ZoneInfo(self.timezone)
+
+    @model_validator(mode="after")
+    def _probe_caller_is_not_the_hotline(self) -> Settings:
+        if self.probe.caller_id is not None and self.probe.caller_id in self.hotline.numbers:
+            raise ValueError("probe.caller_id: must not be a hotline number (the 400 line never dials out)")
+        return self
 
 
 def config_path(cli_value: str | None) -> Path:

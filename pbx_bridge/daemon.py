@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
@@ -33,6 +33,7 @@ from pbx_bridge.api import (
 )
 from pbx_bridge.config import Settings
 from pbx_bridge.metrics import Metrics
+from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
 from pbx_bridge.routing import Clock, RoutingPublisher
 from pbx_bridge.storage.writer import CallWriter
 from pbx_bridge.tracker import (
@@ -42,6 +43,7 @@ from pbx_bridge.tracker import (
     ChannelSnapshot,
     Decision,
     HangupChannel,
+    ProbeArrived,
     Tick,
     TrackerSettings,
     TrackerState,
@@ -81,6 +83,29 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
     }
 
 
+def _probes(settings: Settings, ami: AmiClient, connect: Callable[[], Awaitable[asyncpg.Connection]],
+            alerter: Alerter, metrics: Metrics, live: LiveState,
+            clock: Clock) -> tuple[ProbeRunner | None, ProbeScheduler | None]:
+    """The probe runner and its scheduler, if [probe] caller_id is configured."""
+    probe = settings.probe
+    if probe.caller_id is None:
+        log.warning("line_probes_off", fix="set [probe] caller_id to the number the probes call from")
+        return None, None
+    target = ProbeTarget(trunk=probe.trunk or settings.hotline.trunk,
+                         number=probe.number or settings.hotline.numbers[0],
+                         caller_id=probe.caller_id, timeout=probe.timeout_seconds)
+    runner = ProbeRunner(ami, target, connect, alerter, metrics, probe.manual_min_interval_seconds)
+    schedule = settings.hours.schedule(settings.zone)
+
+    def last_call() -> datetime | None:
+        real = live.last_activity()
+        return clock.business(real) if real is not None else None
+
+    scheduler = ProbeScheduler(runner, clock.now, probe.daily_at, timedelta(minutes=probe.quiet_minutes),
+                               schedule.is_open, settings.zone, last_call)
+    return runner, scheduler
+
+
 def tracker_settings(settings: Settings) -> TrackerSettings:
     """The tracker's view of the configuration."""
     return TrackerSettings(
@@ -98,6 +123,9 @@ def _log_decision(decision: Decision) -> None:
         return
     if isinstance(decision, HangupChannel):
         log.warning("guard_hangup", channel=decision.channel, reason=decision.reason)
+        return
+    if isinstance(decision, ProbeArrived):
+        log.info("line_probe_arrived", nonce=decision.nonce, linkedid=decision.linkedid)
         return
     record = decision.record
     if isinstance(decision, CallStarted):
@@ -145,6 +173,7 @@ class Outputs:
     alerter: Alerter
     metrics: Metrics
     live: LiveState
+    probes: ProbeRunner | None
 
 
 def alert_of(violation: Violation) -> dict[str, object]:
@@ -169,14 +198,19 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
                 out.hangups.put_nowait(decision)  # first: the guard must act within 250 ms
         for decision in decisions:
             _log_decision(decision)
+            if isinstance(decision, ProbeArrived):
+                if out.probes is not None:
+                    out.probes.arrived(decision)
+                continue
             if isinstance(decision, CallLost | HangupChannel):
                 continue
             out.writer.submit(decision)
             if isinstance(decision, Violation):
                 out.metrics.violations.labels(str(decision.kind)).inc()
                 out.alerter.submit(alert_of(decision))
-            elif isinstance(decision, CallEnded):
+            elif isinstance(decision, CallEnded) and not decision.record.is_probe:
                 out.metrics.calls.labels(str(decision.record.disposition)).inc()
+                out.live.last_customer_call_at = decision.record.ended_at
 
 
 async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -225,13 +259,15 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
                                  Clock.from_environment(), lambda: asyncpg.connect(dsn),
                                  settings.hotline.state_refresh_seconds, metrics)
     live = LiveState()
-    outputs = Outputs(writer, hangups, alerter, metrics, live)
+    clock = publisher.clock
+    probes, scheduler = _probes(settings, ami, lambda: asyncpg.connect(dsn), alerter, metrics, live, clock)
+    outputs = Outputs(writer, hangups, alerter, metrics, live, probes)
     api = create_app(ApiContext(
         metrics=metrics, live=live, connect=lambda: asyncpg.connect(dsn),
         health=health_checks(settings, ami, writer, publisher, lambda: asyncpg.connect(dsn)),
         critical=frozenset({"ami", "database"}),
         token=(token.get_secret_value() if (token := settings.api.resolved_token()) else None),
-        mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish))
+        mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes))
     host, port = settings.api.host_port
     if settings.duty.mobile is None:
         log.warning("no_duty_mobile", effect="after-hours calls go to voicemail", fix="set [duty] mobile")
@@ -247,6 +283,9 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             tasks.create_task(guard(hangups, ami), name="guard")
             tasks.create_task(tick(queue, shutting_down), name="ticker")
             tasks.create_task(serve(api, host, port, shutting_down.wait), name="api")
+            if probes is not None and scheduler is not None:
+                tasks.create_task(probes.run(), name="probes")
+                tasks.create_task(scheduler.run(), name="probe-scheduler")
             await stop.wait()
             log.info("pbx_bridge_stopping")
             publisher.stop()
@@ -255,6 +294,9 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             queue.put_nowait(_STOP)
             hangups.put_nowait(None)
             alerter.stop()
+            if probes is not None and scheduler is not None:
+                probes.stop()
+                scheduler.stop()
             writer.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -59,6 +59,7 @@ def render(settings: Settings, source: str = "") -> str:
         f"DUTY_HOLDER_STATIC_B64 = {b64(settings.duty.holder)}",
         f"DUTY_MOBILE_RING_SECONDS = {math.ceil(settings.duty.ring_seconds)}",
         f"HOTLINE_STATE_MAX_AGE = {settings.hotline.state_max_age_seconds}",
+        f"PROBE_CALLER = {settings.probe.caller_id or ''}",
         "",
         "; The weekly schedule (no holidays: those come from pbx-bridge while it runs).",
         "[hotline-static-hours]",

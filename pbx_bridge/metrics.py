@@ -16,6 +16,8 @@ class Metrics:
                                   ["kind"], registry=self.registry)
         self.alerts = Counter("pbx_bridge_alerts", "Webhook alerts, by result (sent, failed, dropped)",
                               ["result"], registry=self.registry)
+        self.probes = Counter("pbx_bridge_probes", "Line probe attempts, by outcome", ["outcome"],
+                              registry=self.registry)
         self.calendar_known = Gauge("pbx_bridge_holiday_calendar_known",
                                     "1 if the holiday calendar has data for this year, 0 if only weekly hours apply",
                                     registry=self.registry)

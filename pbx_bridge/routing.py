@@ -54,6 +54,10 @@ class Clock:
         """The current business time (aware, UTC)."""
         return datetime.now(UTC) + self._offset
 
+    def business(self, real: datetime) -> datetime:
+        """A real moment (e.g. an event's timestamp) on the business clock."""
+        return real + self._offset
+
 
 @dataclass(frozen=True, slots=True)
 class RoutingState:
@@ -107,6 +111,7 @@ class RoutingPublisher:
         self._schedule = schedule
         self._duty = duty
         self._clock = clock
+        self.clock = clock
         self._connect = connect
         self._refresh = refresh_seconds
         self._metrics = metrics

@@ -79,6 +79,11 @@ mobile = "{settings["duty_mobile"]}"
 holder = "{settings["duty_holder"]}"
 ring_seconds = 25
 
+[probe]
+caller_id = "{settings["probe_caller"]}"
+timeout_seconds = 10
+manual_min_interval_seconds = 5
+
 [api]
 listen = "127.0.0.1:18400"
 token_file = "{token_file}"

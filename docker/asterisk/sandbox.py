@@ -54,6 +54,7 @@ DEFAULTS: dict[str, object] = {
     "phones": ["agent101", "agent102", "agent103", "reception"],
     "duty_mobile": "13900139000",
     "duty_holder": "值班员小王",
+    "probe_caller": "02566660000",
     "pbx_rtp": [30000, 30999],
     "world_rtp": [31000, 31999],
 }

@@ -85,7 +85,7 @@ class SafeAmiProtocol(AMIProtocol):  # type: ignore[misc]
         elif message.event:
             self._on_event(message)
 
-    def send(self, data: Any, as_list: bool = False) -> asyncio.Future[Any]:
+    def send(self, data: Any, as_list: bool | None = None) -> asyncio.Future[Any]:
         action = data if isinstance(data, Action) else Action(data, as_list=as_list)
         try:
             payload = format_action({str(k): v for k, v in action.items()})
@@ -160,9 +160,12 @@ class AmiClient:
         if self._protocol is not None:
             self._protocol.transport.close()
 
-    async def send_action(self, fields: Mapping[str, str | list[str]], *, as_list: bool = False,
+    async def send_action(self, fields: Mapping[str, str | list[str]], *, as_list: bool | None = None,
                           response_timeout: float = 10.0) -> Any:
-        """Send an action on the current session and wait for its response (or list)."""
+        """Send an action on the current session and wait for its response (or list).
+
+        `as_list=None` lets panoramisk decide from the first response whether more follow
+        (an async Originate's OriginateResponse, an EventList); True forces a list."""
         protocol = self._protocol
         if protocol is None or protocol.closed or not self.connected.is_set():
             raise AmiError("AMI is not connected")

@@ -121,6 +121,15 @@ class HangupChannel:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeArrived:
+    """A line probe came back on the hotline trunk (the dialplan answered it itself)."""
+
+    nonce: str
+    at: datetime
+    linkedid: str
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Tracker input: the runtime clock's time, so limits can pass while no event arrives."""
 
@@ -135,4 +144,4 @@ class ChannelSnapshot:
 
 
 RecordWrite = CallStarted | CallEnded | Violation
-Decision = CallStarted | CallEnded | CallLost | Violation | HangupChannel
+Decision = CallStarted | CallEnded | CallLost | Violation | HangupChannel | ProbeArrived

@@ -23,6 +23,7 @@ from pbx_bridge.tracker.model import (
     Decision,
     Disposition,
     HangupChannel,
+    ProbeArrived,
     Tick,
     Violation,
     ViolationKind,
@@ -35,7 +36,7 @@ CHANNEL_STATE_RINGING = "5"  # outbound channel ringing at the far end
 RINGING_DIAL_STATUSES = frozenset({"RINGING", "PROGRESS"})
 UNANSWERED_DISPOSITIONS = frozenset({Disposition.MISSED, Disposition.FORWARD_MISSED, Disposition.VOICEMAIL})
 FORWARD_MARK_TTL = timedelta(minutes=10)
-KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail"})
+KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail", "probe"})
 ANSWERING_STAGES = frozenset({"group", "escalation", "mobile"})
 
 
@@ -72,6 +73,7 @@ class CallState:
     duty_holder: str | None = None
     caller_hung_up_at: datetime | None = None
     ring_limit_reported: bool = False
+    probe_nonce: str | None = None  # set when the dialplan recognised pbx-bridge's own test call
     inbound_ended_at: datetime | None = None
     hangup_cause: int | None = None
     hangup_cause_text: str | None = None
@@ -136,6 +138,9 @@ def apply(
     updated = _advance(call, event, when)
     if updated is call:
         return state, []
+    if updated.probe_nonce is not None and call.probe_nonce is None:
+        return (replace(state, calls={**state.calls, linkedid: updated}),
+                [ProbeArrived(updated.probe_nonce, when, linkedid)])
     if updated.inbound_ended_at is not None and not updated.live_channels:
         calls = {k: v for k, v in state.calls.items() if k != linkedid}
         record = _record(updated, settings)
@@ -165,7 +170,8 @@ def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tupl
     decisions: list[Decision] = []
     changed: dict[str, CallState] = {}
     for linkedid, call in state.calls.items():
-        if call.ring_limit_reported or call.answered_leg is not None or call.inbound_ended_at is not None:
+        if (call.ring_limit_reported or call.answered_leg is not None or call.inbound_ended_at is not None
+                or call.probe_nonce is not None):
             continue
         started = _ring_started_at(call)
         if started is None or _agents_stopped(call) is not None:
@@ -282,6 +288,9 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
                            duty_holder=_b64_text(event.get("HolderB64")) or None)
         return replace(call, stages=(*call.stages, stage))
 
+    if name == "UserEvent" and event.get("UserEvent") == "HotlineProbe" and inbound:
+        return replace(call, probe_nonce=event.get("Nonce"), stages=(*call.stages, "probe"))
+
     if name == "NewCallerid" and inbound:
         return replace(call, caller_number=event.get("CallerIDNum"),
                        caller_name=_caller_name(event.get("CallerIDName")))
@@ -379,7 +388,9 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
 
     disposition: Disposition | None = None
     if ended_at is not None:
-        if on_mobile:
+        if call.probe_nonce is not None:
+            disposition = Disposition.ANSWERED  # answered by the PBX itself: a probe, not a customer
+        elif on_mobile:
             disposition = Disposition.FORWARDED
         elif answered is not None:
             disposition = Disposition.ANSWERED
@@ -406,7 +417,7 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
         rings=rings,
         within_ring_limit=within_ring_limit(
             ring_seconds, answered is not None and not on_mobile, settings.ring_period_seconds, settings.max_rings),
-        answered_by=_answered_by(call, answered, on_mobile),
+        answered_by="pbx-bridge-probe" if call.probe_nonce is not None else _answered_by(call, answered, on_mobile),
         disposition=disposition,
         talk_seconds=_seconds(answered_at, talk_end),
         hangup_cause=call.hangup_cause,
@@ -416,6 +427,7 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
         forwarded_to=call.forwarded_to,
         duty_holder=call.duty_holder,
         needs_call_sheet=on_mobile,
+        is_probe=call.probe_nonce is not None,
     )
 
 
