@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from typing import Any
 
 import aiohttp
 import structlog
 
+from pbx_bridge.aio import wait_set
 from pbx_bridge.backoff import Backoff
 from pbx_bridge.metrics import Metrics
 
@@ -83,7 +83,6 @@ class Alerter:
                 break
             delay = backoff.next_delay()
             log.warning("alert_retry", error=error, attempt=attempt, retry_in=round(delay, 2))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+            await wait_set(self._stop, delay)
         self._metrics.alerts.labels("failed").inc()
         log.error("alert_failed", kind=alert.get("kind"), attempts=attempt)

@@ -9,7 +9,6 @@ roster only accepts numbers matching `[duty] mobile_pattern`.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import itertools
 import json
@@ -26,6 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pbx_bridge.aio import within
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.probes import ProbeRunner, RateLimitedError
 from pbx_bridge.tracker.tracker import TrackerState, live_calls
@@ -331,9 +331,9 @@ def database_component(connect: Callable[[], Awaitable[asyncpg.Connection]]) -> 
     """A health check that runs SELECT 1 within 2 s."""
     async def check() -> tuple[bool, dict[str, Any]]:
         try:
-            conn = await asyncio.wait_for(connect(), 2)
+            conn = await within(connect(), 2)
             try:
-                await asyncio.wait_for(conn.fetchval("SELECT 1"), 2)
+                await within(conn.fetchval("SELECT 1"), 2)
             finally:
                 await conn.close()
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:

@@ -8,7 +8,6 @@ reading AMI, let the tracker finish the queued events, flush (or spool) the reco
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
+from pbx_bridge.aio import wait_set
 from pbx_bridge.alerts import Alerter
 from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.ami.wire import AmiMessage
@@ -113,6 +113,7 @@ def tracker_settings(settings: Settings) -> TrackerSettings:
         trunk=settings.hotline.trunk,
         ring_period_seconds=settings.ring.period_seconds,
         max_rings=settings.ring.max_rings,
+        probe_caller=settings.probe.caller_id,
     )
 
 
@@ -148,8 +149,7 @@ async def tick(queue: asyncio.Queue[TrackerInput], stop: asyncio.Event) -> None:
     """Feed the wall clock to the tracker, so limits pass on time while no event arrives."""
     while not stop.is_set():
         queue.put_nowait(Tick(datetime.now(UTC)))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), TICK_SECONDS)
+        await wait_set(stop, TICK_SECONDS)
 
 
 async def guard(hangups: asyncio.Queue[HangupChannel | None], ami: AmiClient) -> None:

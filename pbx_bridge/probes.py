@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from pbx_bridge.aio import wait_set, within
 from pbx_bridge.alerts import Alerter
 from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.metrics import Metrics
@@ -210,7 +211,7 @@ class ProbeRunner:
                 return done(Outcome.DIAL_FAILED, failure)
             remaining = max(0.0, target.timeout - (time.monotonic() - t0))
             try:
-                return done(Outcome.OK, came=await asyncio.wait_for(arrival, remaining))
+                return done(Outcome.OK, came=await within(arrival, remaining))
             except TimeoutError:
                 return done(Outcome.NO_ARRIVAL, "the carrier answered but the call never reached the hotline")
         finally:
@@ -222,7 +223,7 @@ class ProbeRunner:
 
     async def _store(self, run: ProbeRun, attempt: Attempt) -> None:
         try:
-            conn = await asyncio.wait_for(self._connect(), 5)
+            conn = await within(self._connect(), 5)
             try:
                 await conn.execute(
                     "INSERT INTO line_probes (probe_id, attempt, trigger, number, started_at, finished_at, outcome, "
@@ -293,5 +294,4 @@ class ProbeScheduler:
             elif self._is_open(now) and now - quiet_since >= self._quiet and not self._runner.busy:
                 self._runner.request("quiet")
                 quiet_since = now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 1.0)
+            await wait_set(self._stop, 1.0)

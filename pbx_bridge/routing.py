@@ -9,7 +9,6 @@ back to the static schedule generated from the same configuration (`pbx-bridge d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 import asyncpg
 import structlog
 
+from pbx_bridge.aio import wait_set, within
 from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.config import DutySettings
 from pbx_bridge.dialplan import b64
@@ -167,7 +167,7 @@ class RoutingPublisher:
     async def _from_database(self, now: datetime) -> tuple[tuple[str, str] | None, list[Override]]:
         """The roster entry and the schedule overrides; (None, last known) if the database is down."""
         try:
-            conn = await asyncio.wait_for(self._connect(), 5)
+            conn = await within(self._connect(), 5)
             try:
                 rostered = await rostered_duty(conn, now)
                 self._db_overrides = await database_overrides(conn, now.astimezone(self._schedule.zone).date())
@@ -189,5 +189,4 @@ class RoutingPublisher:
                       fix="upgrade the chinesecalendar package")
 
     async def _wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await wait_set(self._stopping, seconds)

@@ -20,7 +20,6 @@ panoramisk's `Manager` is therefore not used.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ from panoramisk.actions import Action
 from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
 
+from pbx_bridge.aio import wait_set, within
 from pbx_bridge.ami.wire import AmiFramer, AmiMessage, FramingError, format_action
 from pbx_bridge.backoff import Backoff
 
@@ -151,8 +151,7 @@ class AmiClient:
                 log.warning("ami_unavailable", host=self._host, port=self._port,
                             error=str(failure) or type(failure).__name__, retry_in=round(delay, 2))
             self.reconnects += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            await wait_set(self._stopping, delay)
 
     def stop(self) -> None:
         """End the session and make `run` return."""
@@ -171,7 +170,7 @@ class AmiClient:
             raise AmiError("AMI is not connected")
         future = protocol.send(Action(dict(fields), as_list=as_list), as_list=as_list)
         try:
-            return await asyncio.wait_for(future, response_timeout)
+            return await within(future, response_timeout)
         except TimeoutError:
             raise AmiError(f"no response to {fields.get('Action')} within {response_timeout} s") from None
 
@@ -183,14 +182,14 @@ class AmiClient:
             if not lost.done():
                 lost.set_result(exc)
 
-        _, protocol = await asyncio.wait_for(
+        _, protocol = await within(
             loop.create_connection(lambda: SafeAmiProtocol(self._on_event, on_lost), self._host, self._port),
-            timeout=self._connect_timeout)
+            self._connect_timeout)
         self._protocol = protocol
         try:
-            response = await asyncio.wait_for(protocol.send(Action({
+            response = await within(protocol.send(Action({
                 "Action": "Login", "Username": self._username, "Secret": self._secret, "Events": "on"})),
-                timeout=self._connect_timeout)
+                self._connect_timeout)
             if response.get("Response") != "Success":
                 raise AmiError(f"AMI login refused: {response.get('Message') or 'no reason given'}")
             self.sessions += 1
@@ -216,7 +215,7 @@ class AmiClient:
             if done or self._stopping.is_set():
                 return
             try:
-                reply = await asyncio.wait_for(protocol.send(Action({"Action": "Ping"})), self._ping_timeout)
+                reply = await within(protocol.send(Action({"Action": "Ping"})), self._ping_timeout)
             except (TimeoutError, AmiError):
                 log.warning("ami_ping_unanswered", timeout=self._ping_timeout)
                 protocol.transport.abort()

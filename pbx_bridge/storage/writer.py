@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from pbx_bridge.aio import wait_set, within
 from pbx_bridge.backoff import Backoff
 from pbx_bridge.tracker.model import (
     CallEnded,
@@ -225,8 +226,7 @@ class CallWriter:
                 if self._stopping:
                     break
                 self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._flush_interval)
+                await wait_set(self._wakeup, self._flush_interval)
                 continue
             batch = self._pending[: self._batch_size]
             try:
@@ -267,7 +267,7 @@ class CallWriter:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncio.wait_for(self._connect(), timeout=10)
+            self._conn = await within(self._connect(), 10)
             if not self.db_up:
                 log.info("database_connected")
             self.db_up = True
@@ -280,7 +280,7 @@ class CallWriter:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), timeout=2)
+                await within(conn.close(), 2)
 
     def _spool_remaining(self) -> None:
         if not self._pending:

@@ -51,6 +51,8 @@ class TrackerSettings:
     # Outbound channels on the trunk whose Uniqueid starts with this were started by pbx-bridge
     # itself (line probes use it as their Originate ChannelId); the guard leaves them alone.
     own_channel_prefix: str = "pbx-bridge-"
+    # The caller number of pbx-bridge's line probes: such calls are probes from their first event.
+    probe_caller: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +429,8 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
         forwarded_to=call.forwarded_to,
         duty_holder=call.duty_holder,
         needs_call_sheet=on_mobile,
-        is_probe=call.probe_nonce is not None,
+        is_probe=call.probe_nonce is not None or (
+            settings.probe_caller is not None and call.caller_number == settings.probe_caller),
     )
 
 

@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.daemon import BridgeProcess
+from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.env import REPO, STATE, DevEnv
 from tests.support.ops import ops
 from tests.support.world import IGNORE, connect_world, new_caller_number
@@ -68,3 +69,22 @@ async def test_calls_live_shows_a_ringing_call(bridge: BridgeProcess, devenv: De
     [call] = [c for c in body["calls"] if c["caller_number"] == number]
     assert status == 200 and call["state"] == "ringing" and call["stage"] == "group"
     assert 3 < call["ring_seconds"] < 6 and call["caller_name"] == "正在响"
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])  # it was a race: repeat it
+def test_a_failing_task_stops_the_daemon_at_once_with_the_reason(devenv: DevEnv, attempt: int,
+                                                                 tmp_path: Path) -> None:
+    """Regression: a task failing during AMI login used to leave the daemon hanging forever
+    (Python 3.11's wait_for lost the TaskGroup's cancellation)."""
+    import socket
+
+    config = derived_config(devenv.config_path, tmp_path / "busy.toml", 18413)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 18413))  # the daemon's API port, taken
+        blocker.listen()
+        started = time.monotonic()
+        result = subprocess.run([str(REPO / ".venv" / "bin" / "pbx-bridge"), "run", "--config", str(config)],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 10
+    assert "pbx_bridge_failed" in result.stderr and "address already in use" in result.stderr

@@ -76,3 +76,11 @@ class BridgeProcess:
         if self._reader is not None:
             self._reader.join(5)
         return code
+
+
+def derived_config(base: Path, target: Path, api_port: int, extra: str = "") -> Path:
+    """A copy of `base` whose ops API listens on `api_port` (so it can run beside the module's
+    daemon), with `extra` TOML appended (new tables only)."""
+    text = base.read_text().replace('listen = "127.0.0.1:18400"', f'listen = "127.0.0.1:{api_port}"')
+    target.write_text(text + ("\n" + extra if extra else ""))
+    return target

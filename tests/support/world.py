@@ -40,7 +40,8 @@ class World:
         self._client = client
 
     async def action(self, fields: dict[str, str | list[str]]) -> Any:
-        response = await self._client.send_action(fields)
+        """Send an action; only its first response is awaited (an async Originate returns at once)."""
+        response = await self._client.send_action(fields, as_list=False)
         if response.get("Response") != "Success":
             raise RuntimeError(f"world refused {fields.get('Action')}: {response.get('Message')}")
         return response
