@@ -210,6 +210,8 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
                 out.alerter.submit(alert_of(decision))
             elif isinstance(decision, CallEnded) and not decision.record.is_probe:
                 out.metrics.calls.labels(str(decision.record.disposition)).inc()
+                if decision.record.ring_seconds is not None:
+                    out.metrics.ring_seconds.observe(decision.record.ring_seconds)
                 out.live.last_customer_call_at = decision.record.ended_at
 
 
@@ -260,6 +262,9 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
                                  settings.hotline.state_refresh_seconds, metrics)
     live = LiveState()
     clock = publisher.clock
+    metrics.watch(reconnects=lambda: ami.reconnects, pending=lambda: writer.pending,
+                  lag=lambda: 0.0 if writer.oldest_pending_since is None
+                  else time.monotonic() - writer.oldest_pending_since)
     probes, scheduler = _probes(settings, ami, lambda: asyncpg.connect(dsn), alerter, metrics, live, clock)
     outputs = Outputs(writer, hangups, alerter, metrics, live, probes)
     api = create_app(ApiContext(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+RING_BUCKETS = (1, 2, 3, 5, 7.5, 10, 12.5, 15, 20, 25, 30, 45, 60)  # seconds; 15 = three China rings
 
 
 class Metrics:
@@ -21,5 +25,18 @@ class Metrics:
         self.calendar_known = Gauge("pbx_bridge_holiday_calendar_known",
                                     "1 if the holiday calendar has data for this year, 0 if only weekly hours apply",
                                     registry=self.registry)
+        self.ring_seconds = Histogram("pbx_bridge_ring_seconds", "Ring time at the agents' phones per call",
+                                      buckets=RING_BUCKETS, registry=self.registry)
+        self.ami_reconnects = Gauge("pbx_bridge_ami_reconnects", "AMI reconnects since start", registry=self.registry)
+        self.writer_lag = Gauge("pbx_bridge_writer_lag_seconds",
+                                "Age of the oldest record not yet in PostgreSQL (0 when none)", registry=self.registry)
+        self.writer_pending = Gauge("pbx_bridge_writer_pending", "Records not yet in PostgreSQL",
+                                    registry=self.registry)
         self.hotline_open = Gauge("pbx_bridge_hotline_open", "1 while in business hours (as published to the PBX)",
                                   registry=self.registry)
+
+    def watch(self, reconnects: Callable[[], float], lag: Callable[[], float], pending: Callable[[], float]) -> None:
+        """Read these gauges from the live objects at scrape time."""
+        self.ami_reconnects.set_function(reconnects)
+        self.writer_lag.set_function(lag)
+        self.writer_pending.set_function(pending)
