@@ -132,6 +132,15 @@ async def test_pbx_bridge_down_static_fallback(devenv: DevEnv, asterisk_time: st
         assert not {"agent101", "agent102"} & legs  # after hours: the agents' phones never rang
 
 
+async def call_answered_on(devenv: DevEnv, phone: str, caller_name: str) -> asyncpg.Record:
+    """A new caller rings the hotline; `phone` (a mobile, say) answers after 1 s; the call's row."""
+    number = new_caller_number()
+    async with connect_world(devenv) as world:
+        await world.set_phone(number, phone, answer(1, 1))
+        await world.call(devenv.hotline_numbers[0], number, caller_name)
+    return await one_call(devenv.dsn, number, timeout=20)
+
+
 async def execute(dsn: str, query: str, *args: object) -> None:
     conn = await asyncpg.connect(dsn)
     try:
@@ -150,11 +159,7 @@ async def test_roster_decides_who_holds_the_mobile(bridge_at: list[BridgeProcess
         process = BridgeProcess(devenv.config_path, business_time=night)
         bridge_at.append(process)
         await asyncio.to_thread(process.start)
-        number = new_caller_number()
-        async with connect_world(devenv) as world:
-            await world.set_phone(number, "13700137000", answer(1, 1))
-            await world.call(devenv.hotline_numbers[0], number, "找值班")
-        row = await one_call(devenv.dsn, number, timeout=20)
+        row = await call_answered_on(devenv, "13700137000", "找值班")
     finally:
         await execute(devenv.dsn, "DELETE FROM duty_roster WHERE holder = '李雷'")
     assert (row["disposition"], row["forwarded_to"], row["duty_holder"]) == ("forwarded", "13700137000", "李雷")
@@ -188,11 +193,7 @@ async def test_put_duty_reroutes_after_hours_calls_at_once(bridge_at: list[Bridg
     status, _ = await ops(devenv, "PUT", "/duty", {"entries": [entry]}, token=api_token())
     try:
         assert status == 200
-        number = new_caller_number()
-        async with connect_world(devenv) as world:
-            await world.set_phone(number, "13600136000", answer(1, 1))
-            await world.call(devenv.hotline_numbers[0], number, "新值班")
-        row = await one_call(devenv.dsn, number, timeout=20)
+        row = await call_answered_on(devenv, "13600136000", "新值班")
     finally:
         await execute(devenv.dsn, "DELETE FROM duty_roster WHERE holder = '韩梅梅'")
     assert (row["forwarded_to"], row["duty_holder"]) == ("13600136000", "韩梅梅")
