@@ -50,6 +50,7 @@ from pbx_bridge.tracker import (
     Violation,
     apply,
 )
+from pbx_bridge.trunk import TrunkHealth
 
 log = structlog.get_logger("pbx_bridge.daemon")
 
@@ -57,7 +58,7 @@ _STOP: Final = None
 
 
 def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publisher: RoutingPublisher,
-                  connect: Callable[[], Awaitable[asyncpg.Connection]]) -> dict[str, Component]:
+                  connect: Callable[[], Awaitable[asyncpg.Connection]], trunk: TrunkHealth) -> dict[str, Component]:
     """What /healthz reports: AMI and database are critical; the rest informs."""
     async def ami_check() -> tuple[bool, dict[str, Any]]:
         return ami.connected.is_set(), {"sessions": ami.sessions, "reconnects": ami.reconnects}
@@ -73,8 +74,13 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
         known = settings.hours.schedule(settings.zone).day(today).calendar_known
         return known, {"year": today.year, "holidays": "known" if known else "missing: weekly hours only"}
 
+    async def trunk_check() -> tuple[bool, dict[str, Any]]:
+        return trunk.reachable is not False, {"endpoint": trunk.endpoint, "qualify": trunk.status,
+                                              "rtt_ms": trunk.rtt_ms}
+
     return {
         "ami": ami_check,
+        "trunk": trunk_check,
         "database": database_component(connect),
         "writer": writer_check,
         "routing_state": component_age("published_seconds_ago", lambda: publisher.published_at,
@@ -174,6 +180,7 @@ class Outputs:
     metrics: Metrics
     live: LiveState
     probes: ProbeRunner | None
+    trunk: TrunkHealth
 
 
 def alert_of(violation: Violation) -> dict[str, object]:
@@ -191,6 +198,9 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
             if state.calls:
                 log.warning("calls_in_progress_at_shutdown", count=len(state.calls))
             return
+        if isinstance(event, AmiMessage) and event.event == "ContactStatus":
+            out.trunk.observe(event)
+            continue
         state, decisions = apply(state, event, settings)
         out.live.state = state
         for decision in decisions:
@@ -236,12 +246,14 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     shutting_down = asyncio.Event()
 
     publisher: RoutingPublisher | None = None
+    trunk = TrunkHealth(settings.hotline.trunk)
 
     async def after_login(client: AmiClient) -> None:
-        """After every login: publish the routing state, and tell the tracker which channels
-        exist (events may have been missed while disconnected)."""
+        """After every login: publish the routing state, read the trunk's qualify state, and tell
+        the tracker which channels exist (events may have been missed while disconnected)."""
         if publisher is not None:
             await publisher.publish()
+        trunk.read_detail(await client.send_action({"Action": "PJSIPShowEndpoint", "Endpoint": settings.hotline.trunk}))
         listing = await client.send_action({"Action": "CoreShowChannels"}, as_list=True)
         uniqueids = frozenset(item.get("Uniqueid") for item in listing if item.get("Event") == "CoreShowChannel")
         queue.put_nowait(ChannelSnapshot(uniqueids))
@@ -264,12 +276,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     clock = publisher.clock
     metrics.watch(reconnects=lambda: ami.reconnects, pending=lambda: writer.pending,
                   lag=lambda: 0.0 if writer.oldest_pending_since is None
-                  else time.monotonic() - writer.oldest_pending_since)
+                  else time.monotonic() - writer.oldest_pending_since,
+                  trunk=lambda: {True: 1.0, False: 0.0, None: -1.0}[trunk.reachable])
     probes, scheduler = _probes(settings, ami, lambda: asyncpg.connect(dsn), alerter, metrics, live, clock)
-    outputs = Outputs(writer, hangups, alerter, metrics, live, probes)
+    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk)
     api = create_app(ApiContext(
         metrics=metrics, live=live, connect=lambda: asyncpg.connect(dsn),
-        health=health_checks(settings, ami, writer, publisher, lambda: asyncpg.connect(dsn)),
+        health=health_checks(settings, ami, writer, publisher, lambda: asyncpg.connect(dsn), trunk),
         critical=frozenset({"ami", "database"}),
         token=(token.get_secret_value() if (token := settings.api.resolved_token()) else None),
         mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes))

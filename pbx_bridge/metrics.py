@@ -32,11 +32,16 @@ class Metrics:
                                 "Age of the oldest record not yet in PostgreSQL (0 when none)", registry=self.registry)
         self.writer_pending = Gauge("pbx_bridge_writer_pending", "Records not yet in PostgreSQL",
                                     registry=self.registry)
+        self.trunk_reachable = Gauge("pbx_bridge_trunk_reachable",
+                                     "1 if the hotline trunk answers qualify, 0 if not, -1 unknown or not qualified",
+                                     registry=self.registry)
         self.hotline_open = Gauge("pbx_bridge_hotline_open", "1 while in business hours (as published to the PBX)",
                                   registry=self.registry)
 
-    def watch(self, reconnects: Callable[[], float], lag: Callable[[], float], pending: Callable[[], float]) -> None:
+    def watch(self, reconnects: Callable[[], float], lag: Callable[[], float], pending: Callable[[], float],
+              trunk: Callable[[], float]) -> None:
         """Read these gauges from the live objects at scrape time."""
+        self.trunk_reachable.set_function(trunk)
         self.ami_reconnects.set_function(reconnects)
         self.writer_lag.set_function(lag)
         self.writer_pending.set_function(pending)

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.env import REPO, STATE, DevEnv
-from tests.support.ops import ops
+from tests.support.ops import ops, ops_text
 from tests.support.world import IGNORE, connect_world, new_caller_number
 
 pytestmark = pytest.mark.e2e
@@ -88,3 +88,27 @@ def test_a_failing_task_stops_the_daemon_at_once_with_the_reason(devenv: DevEnv,
     assert result.returncode == 1
     assert time.monotonic() - started < 10
     assert "pbx_bridge_failed" in result.stderr and "address already in use" in result.stderr
+
+
+async def test_healthz_follows_the_trunks_qualify_state(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    async def trunk_ok(expected: bool, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            _, body = await ops(devenv, "GET", "/healthz")
+            if body["components"]["trunk"]["ok"] is expected:
+                return dict(body["components"]["trunk"])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"trunk health stayed {body['components']['trunk']}")
+            await asyncio.sleep(0.5)
+
+    assert (await trunk_ok(True, 15))["qualify"] == "Reachable"
+    world = int((STATE / "sandbox" / "world.pid").read_text())
+    os.kill(world, signal.SIGSTOP)  # the carrier stops answering OPTIONS
+    try:
+        down = await trunk_ok(False, 30)
+        assert down["qualify"] == "Unreachable"
+        _, metrics_text = await ops_text(devenv, "/metrics")
+        assert "pbx_bridge_trunk_reachable 0.0" in metrics_text
+    finally:
+        os.kill(world, signal.SIGCONT)
+    await trunk_ok(True, 30)

@@ -135,7 +135,7 @@ async def test_live_calls_show_a_ringing_call_and_its_ring_time(api: Api) -> Non
 async def test_metrics_and_openapi(api: Api) -> None:
     api.context.metrics.violations.labels("ring_limit").inc()
     api.context.metrics.ring_seconds.observe(7.0)
-    api.context.metrics.watch(reconnects=lambda: 2, lag=lambda: 0.5, pending=lambda: 3)
+    api.context.metrics.watch(reconnects=lambda: 2, lag=lambda: 0.5, pending=lambda: 3, trunk=lambda: 1)
     status, text = await api.call("GET", "/metrics", token=None)
     assert status == 200 and 'pbx_bridge_violations_total{kind="ring_limit"} 1.0' in text
     assert 'pbx_bridge_ring_seconds_bucket{le="7.5"} 1.0' in text

@@ -26,3 +26,9 @@ async def ops(env: DevEnv, method: str, path: str, body: Any = None, token: str 
             method, api_base(env) + path, data=None if body is None else json.dumps(body),
             headers=headers) as response:
         return response.status, await response.json()
+
+
+async def ops_text(env: DevEnv, path: str) -> tuple[int, str]:
+    """GET a text resource (e.g. /metrics)."""
+    async with ClientSession(timeout=ClientTimeout(total=10)) as session, session.get(api_base(env) + path) as response:
+        return response.status, await response.text()
