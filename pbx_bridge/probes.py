@@ -247,9 +247,10 @@ def _originate_failure(originate: asyncio.Task[Any]) -> str | None:
     last = messages[-1]
     if last.get("Response") == "Success" and last.get("Event") == "OriginateResponse":
         return None
-    reason = {"0": "no such number or channel", "1": "hung up", "3": "no answer", "5": "busy",
-              "8": "congestion"}.get(last.get("Reason", ""), last.get("Reason") or last.get("Message") or "refused")
-    return f"{last.get('Response')}: {reason}"
+    code = last.get("Reason", "")
+    meaning = {"0": "failed or no such number", "1": "hung up", "3": "no answer", "5": "busy",
+               "8": "congestion"}.get(code, last.get("Message") or "refused")
+    return f"{last.get('Response')}: Asterisk reason {code or '?'} ({meaning})"
 
 
 class ProbeScheduler:
