@@ -71,7 +71,7 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
 
     async def calendar_check() -> tuple[bool, dict[str, Any]]:
         today = datetime.now(settings.zone).date()
-        known = settings.hours.schedule(settings.zone).day(today).calendar_known
+        known = publisher.effective.day(today).calendar_known
         return known, {"year": today.year, "holidays": "known" if known else "missing: weekly hours only"}
 
     async def trunk_check() -> tuple[bool, dict[str, Any]]:
@@ -90,8 +90,8 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
 
 
 def _probes(settings: Settings, ami: AmiClient, connect: Callable[[], Awaitable[asyncpg.Connection]],
-            alerter: Alerter, metrics: Metrics, live: LiveState,
-            clock: Clock) -> tuple[ProbeRunner | None, ProbeScheduler | None]:
+            alerter: Alerter, metrics: Metrics, live: LiveState, clock: Clock,
+            publisher: RoutingPublisher) -> tuple[ProbeRunner | None, ProbeScheduler | None]:
     """The probe runner and its scheduler, if [probe] caller_id is configured."""
     probe = settings.probe
     if probe.caller_id is None:
@@ -101,14 +101,13 @@ def _probes(settings: Settings, ami: AmiClient, connect: Callable[[], Awaitable[
                          number=probe.number or settings.hotline.numbers[0],
                          caller_id=probe.caller_id, timeout=probe.timeout_seconds)
     runner = ProbeRunner(ami, target, connect, alerter, metrics, probe.manual_min_interval_seconds)
-    schedule = settings.hours.schedule(settings.zone)
 
     def last_call() -> datetime | None:
         real = live.last_activity()
         return clock.business(real) if real is not None else None
 
     scheduler = ProbeScheduler(runner, clock.now, probe.daily_at, timedelta(minutes=probe.quiet_minutes),
-                               schedule.is_open, settings.zone, last_call)
+                               lambda at: publisher.effective.is_open(at), settings.zone, last_call)
     return runner, scheduler
 
 
@@ -233,8 +232,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         loop.add_signal_handler(sig, stop.set)
 
     dsn = settings.database.dsn.get_secret_value()
+
+    async def connect() -> asyncpg.Connection:
+        conn: asyncpg.Connection = await asyncpg.connect(dsn)
+        return conn
+
     writer = CallWriter(
-        lambda: asyncpg.connect(dsn),
+        connect,
         batch_size=settings.database.batch_size,
         flush_interval=settings.database.flush_interval_seconds,
         queue_limit=settings.database.queue_limit,
@@ -269,20 +273,19 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     metrics = Metrics()
     alerter = Alerter(settings.alerts.webhook_url, metrics, timeout=settings.alerts.webhook_timeout_seconds,
                       attempts=settings.alerts.webhook_attempts)
-    publisher = RoutingPublisher(ami, settings.hours.schedule(settings.zone), settings.duty,
-                                 Clock.from_environment(), lambda: asyncpg.connect(dsn),
+    clock = Clock.from_environment()
+    publisher = RoutingPublisher(ami, settings.hours.schedule(settings.zone), settings.duty, clock, connect,
                                  settings.hotline.state_refresh_seconds, metrics)
     live = LiveState()
-    clock = publisher.clock
     metrics.watch(reconnects=lambda: ami.reconnects, pending=lambda: writer.pending,
                   lag=lambda: 0.0 if writer.oldest_pending_since is None
                   else time.monotonic() - writer.oldest_pending_since,
                   trunk=lambda: {True: 1.0, False: 0.0, None: -1.0}[trunk.reachable])
-    probes, scheduler = _probes(settings, ami, lambda: asyncpg.connect(dsn), alerter, metrics, live, clock)
+    probes, scheduler = _probes(settings, ami, connect, alerter, metrics, live, clock, publisher)
     outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk)
     api = create_app(ApiContext(
-        metrics=metrics, live=live, connect=lambda: asyncpg.connect(dsn),
-        health=health_checks(settings, ami, writer, publisher, lambda: asyncpg.connect(dsn), trunk),
+        metrics=metrics, live=live, connect=connect,
+        health=health_checks(settings, ami, writer, publisher, connect, trunk),
         critical=frozenset({"ami", "database"}),
         token=(token.get_secret_value() if (token := settings.api.resolved_token()) else None),
         mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes))

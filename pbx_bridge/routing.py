@@ -111,7 +111,6 @@ class RoutingPublisher:
         self._schedule = schedule
         self._duty = duty
         self._clock = clock
-        self.clock = clock
         self._connect = connect
         self._refresh = refresh_seconds
         self._metrics = metrics
@@ -121,6 +120,11 @@ class RoutingPublisher:
         self._effective = schedule
         self.current: RoutingState | None = None
         self.published_at: float | None = None
+
+    @property
+    def effective(self) -> Schedule:
+        """The schedule as last published: configuration plus the database's overrides."""
+        return self._effective
 
     def stop(self) -> None:
         """Make `run` return."""
