@@ -71,7 +71,11 @@ class World:
 
 
     async def dial_out(self, phone: str, digits: str) -> None:
-        """Hotline phone `phone` (an endpoint on the pbx) dials `digits`."""
+        """Phone `phone` (an endpoint on the pbx: a hotline phone, or office201) dials `digits`.
+
+        The number dialled, if the pbx puts the call through (office201's go out through the
+        ordinary line "pstn"), reacts as `set_phone(phone, digits, plan)` says.
+        """
         await self.action({
             "Action": "Originate", "Channel": f"Local/{digits}@phone-dialer/n", "Application": "Wait",
             "Data": "60", "Async": "true", "Variable": [f"PHONE={phone}"], "Timeout": "60000",
