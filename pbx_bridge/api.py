@@ -1,8 +1,9 @@
 """The ops HTTP API (aiohttp), served inside the daemon's own event loop.
 
-GET /healthz, GET /metrics, GET /calls/live, GET|PUT /duty, GET /openapi.json. Anything that
-changes state needs `Authorization: Bearer <token>` (compared in constant time); without a
-configured token such requests are refused. Bodies are validated with pydantic; every error
+GET /healthz, GET /metrics, GET /calls/live, GET|PUT /duty, POST /probes, GET /probes/{id},
+GET|PUT /calls/{linkedid}/note, GET /openapi.json. Anything that changes state, and reading a
+call sheet (customer data), needs `Authorization: Bearer <token>` (compared in constant time);
+without a configured token such requests are refused. Bodies are validated with pydantic; every error
 is JSON `{"error": ..., "detail": ...}`. No request can choose a number the PBX dials: the
 roster only accepts numbers matching `[duty] mobile_pattern`.
 """
@@ -27,12 +28,22 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from pbx_bridge.aio import within
 from pbx_bridge.metrics import Metrics
+from pbx_bridge.notes import (
+    LINKEDID,
+    CallSheet,
+    ProbeCallError,
+    UnknownCallError,
+    VersionConflictError,
+    read_sheet,
+    save_sheet,
+)
 from pbx_bridge.probes import ProbeRunner, RateLimitedError
 from pbx_bridge.tracker.tracker import TrackerState, live_calls
 
 log = structlog.get_logger("pbx_bridge.api")
 
 MAX_BODY_BYTES = 64 * 1024
+PRIVATE_PATH = re.compile(r"^/calls/[^/]+/note$")  # call sheets hold customer data: token even to read
 
 
 class LiveState:
@@ -93,8 +104,8 @@ async def errors_as_json(request: web.Request,
 @web.middleware
 async def bearer_token(request: web.Request,
                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """State-changing methods need the configured bearer token."""
-    if request.method in ("GET", "HEAD", "OPTIONS"):
+    """State-changing methods, and reading customer data, need the configured bearer token."""
+    if request.method in ("GET", "HEAD", "OPTIONS") and not PRIVATE_PATH.match(request.path):
         return await handler(request)
     expected = request.app[CONTEXT].token
     if expected is None:
@@ -192,8 +203,7 @@ async def put_duty(request: web.Request) -> web.Response:
     try:
         update = RosterUpdate.model_validate_json(raw)
     except ValidationError as exc:
-        return error(422, "invalid roster", [{"field": ".".join(map(str, e["loc"])), "problem": e["msg"]}
-                                             for e in exc.errors(include_url=False, include_input=False)])
+        return error(422, "invalid roster", _invalid(exc))
     pattern = re.compile(context.mobile_pattern)
     bad = [e.mobile for e in update.entries if not pattern.match(e.mobile)]
     if bad:
@@ -240,6 +250,72 @@ async def get_probe(request: web.Request) -> web.Response:
     return web.json_response(run.as_json())
 
 
+def _invalid(exc: ValidationError) -> list[dict[str, str]]:
+    return [{"field": ".".join(map(str, e["loc"])), "problem": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)]
+
+
+def _linkedid(request: web.Request) -> str:
+    linkedid = request.match_info["linkedid"]
+    if not LINKEDID.match(linkedid):
+        raise web.HTTPNotFound(reason="no such call")
+    return linkedid
+
+
+def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def get_note(request: web.Request) -> web.Response:
+    """A call's sheet (null while not filled) and its change history."""
+    linkedid = _linkedid(request)
+    conn = await request.app[CONTEXT].connect()
+    try:
+        sheet, history = await read_sheet(conn, linkedid)
+    except UnknownCallError:
+        return error(404, "no such call")
+    finally:
+        await conn.close()
+    current = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in sheet.items()} if sheet else None
+    response = _json({"linkedid": linkedid, "note": current, "history": history})
+    if sheet is not None:
+        response.headers["ETag"] = f'"{sheet["version"]}"'
+    return response
+
+
+async def put_note(request: web.Request) -> web.Response:
+    """Fill in or change a call's sheet; `If-Match: "<version>"` refuses to overwrite a newer one."""
+    linkedid = _linkedid(request)
+    raw = await request.read()
+    if len(raw) > MAX_BODY_BYTES:
+        return error(413, "body too large")
+    try:
+        sheet = CallSheet.model_validate_json(raw)
+    except ValidationError as exc:
+        return error(422, "invalid call sheet", _invalid(exc))
+    expected: int | None = None
+    if "If-Match" in request.headers:
+        tag = request.headers["If-Match"].strip().removeprefix("W/").strip('"')
+        if not tag.isdigit():
+            return error(400, 'If-Match must be a sheet version, e.g. "3"')
+        expected = int(tag)
+    conn = await request.app[CONTEXT].connect()
+    try:
+        saved = await save_sheet(conn, linkedid, sheet, expected)
+    except UnknownCallError:
+        return error(404, "no such call")
+    except ProbeCallError:
+        return error(409, "this call is a line probe: it has no customer and takes no call sheet")
+    except VersionConflictError as exc:
+        return error(412, "the sheet was changed meanwhile; read it again", {"current_version": exc.current})
+    finally:
+        await conn.close()
+    response = _json({"linkedid": linkedid, "note": saved.as_json(), "changed": saved.changed},
+                     status=201 if saved.changed and saved.row["version"] == 1 else 200)
+    response.headers["ETag"] = f'"{saved.row["version"]}"'
+    return response
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 description of this API."""
     error_schema = {"type": "object", "properties": {"error": {"type": "string"}, "detail": {}}}
@@ -252,7 +328,7 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Error": error_schema, "RosterUpdate": RosterUpdate.model_json_schema(
                 ref_template="#/components/schemas/{model}")} | {
-                "RosterEntry": RosterEntry.model_json_schema()},
+                "RosterEntry": RosterEntry.model_json_schema(), "CallSheet": CallSheet.model_json_schema()},
         },
         "paths": {
             "/healthz": {"get": {"summary": "Component health",
@@ -281,6 +357,24 @@ def openapi_document() -> dict[str, Any]:
                                                      "schema": {"type": "string"}}],
                                      "responses": {"200": {"description": "probe"},
                                                    "404": json_error | {"description": "unknown"}}}},
+            "/calls/{linkedid}/note": {
+                "parameters": [{"name": "linkedid", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "get": {"summary": "A call's sheet (接听记录单) and its change history", "security": secured,
+                        "responses": {"200": {"description": "sheet (null if not filled) and history"},
+                                      "401": json_error | {"description": "token"},
+                                      "404": json_error | {"description": "no such call"}}},
+                "put": {"summary": "Fill in or change a call's sheet (If-Match: version, optional)",
+                        "security": secured,
+                        "requestBody": {"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/CallSheet"}}}},
+                        "responses": {"200": {"description": "updated (or unchanged)"},
+                                      "201": {"description": "first version stored"},
+                                      "401": json_error | {"description": "token"},
+                                      "404": json_error | {"description": "no such call"},
+                                      "409": json_error | {"description": "a line probe"},
+                                      "412": json_error | {"description": "changed meanwhile"},
+                                      "422": json_error | {"description": "invalid"}}},
+            },
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "json"}}}},
         },
     }
@@ -301,6 +395,8 @@ def create_app(context: ApiContext) -> web.Application:
     app.router.add_put("/duty", put_duty)
     app.router.add_post("/probes", post_probe)
     app.router.add_get("/probes/{id}", get_probe)
+    app.router.add_get("/calls/{linkedid}/note", get_note)
+    app.router.add_put("/calls/{linkedid}/note", put_note)
     app.router.add_get("/openapi.json", openapi)
     return app
 

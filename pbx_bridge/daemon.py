@@ -33,8 +33,10 @@ from pbx_bridge.api import (
 )
 from pbx_bridge.config import Settings
 from pbx_bridge.metrics import Metrics
+from pbx_bridge.notes import COMPLAINT_OVERDUE, ComplaintWatch
 from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
 from pbx_bridge.routing import Clock, RoutingPublisher
+from pbx_bridge.storage.settings import keep_settings_published
 from pbx_bridge.storage.writer import CallWriter
 from pbx_bridge.tracker import (
     CallEnded,
@@ -282,6 +284,14 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
                   else time.monotonic() - writer.oldest_pending_since,
                   trunk=lambda: {True: 1.0, False: 0.0, None: -1.0}[trunk.reachable])
     probes, scheduler = _probes(settings, ami, connect, alerter, metrics, live, clock, publisher)
+
+    def complaint_overdue(alert: dict[str, object]) -> None:
+        metrics.violations.labels(COMPLAINT_OVERDUE).inc()
+        alerter.submit(alert)
+
+    complaints = ComplaintWatch(connect, settings.call_sheet.complaint_reply_minutes,
+                                settings.call_sheet.sweep_interval_seconds,
+                                lambda: datetime.now(UTC), complaint_overdue)  # call times are real time
     outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk)
     api = create_app(ApiContext(
         metrics=metrics, live=live, connect=connect,
@@ -304,6 +314,8 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             tasks.create_task(guard(hangups, ami), name="guard")
             tasks.create_task(tick(queue, shutting_down), name="ticker")
             tasks.create_task(serve(api, host, port, shutting_down.wait), name="api")
+            tasks.create_task(keep_settings_published(connect, settings, shutting_down), name="settings")
+            tasks.create_task(complaints.run(), name="complaints")
             if probes is not None and scheduler is not None:
                 tasks.create_task(probes.run(), name="probes")
                 tasks.create_task(scheduler.run(), name="probe-scheduler")
@@ -315,6 +327,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             queue.put_nowait(_STOP)
             hangups.put_nowait(None)
             alerter.stop()
+            complaints.stop()
             if probes is not None and scheduler is not None:
                 probes.stop()
                 scheduler.stop()

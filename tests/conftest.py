@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Iterator
 
@@ -19,10 +20,10 @@ def devenv() -> DevEnv:
     return load_devenv()
 
 
-@pytest.fixture(scope="session")
-def scratch_dsn(devenv: DevEnv) -> Iterator[str]:
-    """A freshly migrated database of its own for integration tests, dropped afterwards."""
-    name = f"pbx_bridge_it_{secrets.token_hex(4)}"
+@contextlib.contextmanager
+def scratch_database(devenv: DevEnv, label: str = "it") -> Iterator[str]:
+    """A freshly migrated database of its own on the private cluster, dropped afterwards."""
+    name = f"pbx_bridge_{label}_{secrets.token_hex(4)}"
     admin = devenv.dsn.rsplit("/", 1)[0] + "/postgres"
     dsn = devenv.dsn.rsplit("/", 1)[0] + f"/{name}"
 
@@ -40,5 +41,14 @@ def scratch_dsn(devenv: DevEnv) -> Iterator[str]:
         await conn.close()
 
     asyncio.run(create())
-    yield dsn
-    asyncio.run(drop())
+    try:
+        yield dsn
+    finally:
+        asyncio.run(drop())
+
+
+@pytest.fixture(scope="session")
+def scratch_dsn(devenv: DevEnv) -> Iterator[str]:
+    """A freshly migrated database shared by the session's integration tests."""
+    with scratch_database(devenv) as dsn:
+        yield dsn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -150,3 +151,82 @@ async def test_metrics_and_openapi(api: Api) -> None:
 async def test_unknown_paths_are_json_errors(api: Api) -> None:
     status, body = await api.call("GET", "/nope", token=None)
     assert status == 404 and body["error"] == "Not Found"
+
+
+async def add_call(dsn: str, *, probe: bool = False) -> str:
+    linkedid = f"{datetime.now(UTC).timestamp():.0f}.{secrets.randbelow(10**6)}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO calls (linkedid, did, trunk, caller_number, started_at, ended_at, disposition, is_probe, "
+            "source) VALUES ($1, '4008001234', 'carrier', '13800138000', now(), now(), 'answered', $2, 'ami')",
+            linkedid, probe)
+    finally:
+        await conn.close()
+    return linkedid
+
+
+SHEET = {"author": "agent101 张", "category": "投诉", "summary": "快递三天未到 '); DROP TABLE calls; --",
+         "caller_name": "王女士 \"O'Brien\"", "contact": "13800138000", "owner": "杨雪峰", "status": "处理中"}
+
+
+async def test_call_sheet_put_get_history_and_versions(api: Api, scratch_dsn: str) -> None:
+    linkedid = await add_call(scratch_dsn)
+    path = f"/calls/{linkedid}/note"
+    assert (await api.call("PUT", path, SHEET, token=None))[0] == 401
+    assert (await api.call("GET", path, token=None))[0] == 401  # customer data: the token even to read
+    status, body = await api.call("GET", path)
+    assert status == 200 and body["note"] is None and body["history"] == []
+
+    status, body = await api.call("PUT", path, SHEET)
+    assert status == 201 and body["changed"] is True
+    note = body["note"]
+    assert (note["version"], note["summary"], note["caller_name"], note["completed_at"]) == (
+        1, SHEET["summary"], SHEET["caller_name"], None)
+
+    done = SHEET | {"author": "组长", "status": "已完成", "resolution": "已补发并致歉"}
+    async with api.session.put(api.base + path, json=done, headers={
+            "Authorization": f"Bearer {TOKEN}", "If-Match": '"1"'}) as response:
+        assert response.status == 200 and response.headers["ETag"] == '"2"'
+        assert (await response.json())["note"]["completed_at"] is not None
+    async with api.session.put(api.base + path, json=done | {"summary": "改"}, headers={
+            "Authorization": f"Bearer {TOKEN}", "If-Match": '"1"'}) as response:
+        assert response.status == 412 and (await response.json())["detail"] == {"current_version": 2}
+    status, body = await api.call("PUT", path, done)  # the same again: nothing to record
+    assert status == 200 and body["changed"] is False and body["note"]["version"] == 2
+
+    status, body = await api.call("GET", path)
+    assert status == 200 and body["note"]["status"] == "已完成"
+    assert [(h["version"], h["changed_by"]) for h in body["history"]] == [(1, "agent101 张"), (2, "组长")]
+    assert body["history"][0]["changes"]["category"] == {"old": None, "new": "投诉"}
+    assert body["history"][1]["changes"] == {"status": {"old": "处理中", "new": "已完成"},
+                                             "resolution": {"old": "", "new": "已补发并致歉"}}
+    conn = await asyncpg.connect(scratch_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM calls") >= 1  # the summary was data, not SQL
+    finally:
+        await conn.close()
+
+
+async def test_call_sheet_refuses_bad_input(api: Api, scratch_dsn: str) -> None:
+    linkedid = await add_call(scratch_dsn)
+    path = f"/calls/{linkedid}/note"
+    cases: list[tuple[dict[str, Any], str]] = [
+        (SHEET | {"category": "闲聊"}, "category"),
+        (SHEET | {"status": "done"}, "status"),
+        ({k: v for k, v in SHEET.items() if k != "author"}, "author"),
+        (SHEET | {"summary": ""}, "summary"),
+        (SHEET | {"summary": "x" * 2001}, "summary"),
+        (SHEET | {"owner": "杨\r\nX-Injected: 1"}, "owner"),
+        (SHEET | {"summary": "bad \x00 byte"}, "summary"),
+        (SHEET | {"extra": 1}, "extra"),
+    ]
+    for body, field in cases:
+        status, answer = await api.call("PUT", path, body)
+        assert status == 422 and field in {d["field"] for d in answer["detail"]}, (field, answer)
+    assert (await api.call("PUT", path, raw=b"{not json"))[0] == 422
+    assert (await api.call("PUT", path, SHEET | {"summary": "多行\n描述\t可以"}))[0] == 201
+    assert (await api.call("PUT", "/calls/no-such-call/note", SHEET))[0] == 404
+    assert (await api.call("PUT", "/calls/bad;id'/note", SHEET))[0] == 404
+    probe = await add_call(scratch_dsn, probe=True)
+    assert (await api.call("PUT", f"/calls/{probe}/note", SHEET))[0] == 409

@@ -1,0 +1,406 @@
+"""The supervisor views, the call sheet, overdue complaints and the database roles, on real PostgreSQL.
+
+A database of this module's own is seeded with known calls around a local midnight in
+Asia/Shanghai, a probe call, violations, a sheet, CEL rows of callbacks; every KPI is an exact
+number worked out by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pbx_bridge.notes import CallSheet, record_overdue_complaints, save_sheet
+from tests.conftest import scratch_database
+from tests.support.env import DevEnv
+
+pytestmark = pytest.mark.integration
+
+SHANGHAI = timedelta(hours=8)
+VIEWS = ["v_call_log", "v_daily_kpi", "v_agent_daily", "v_callbacks_due", "v_violations", "v_line_health",
+         "v_unrecorded_calls", "v_hourly_load", "v_call_sheet"]
+TABLES = ["calls", "call_legs", "cel", "policy_violations", "line_probes", "call_notes", "call_note_history",
+          "duty_roster", "schedule_overrides", "bridge_settings", "report_deliveries", "schema_migrations"]
+
+
+def local(text: str) -> datetime:
+    """A Shanghai wall-clock time as an aware UTC datetime."""
+    return (datetime.fromisoformat(text) - SHANGHAI).replace(tzinfo=UTC)
+
+
+def utc_naive(moment: datetime) -> datetime:
+    """CEL's eventtime: UTC without a zone, as cel_pgsql writes it."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+async def add_call(conn: asyncpg.Connection, linkedid: str, started: str, *, caller: str, disposition: str,
+                   ring: float | None = None, within: bool | None = None, answered_by: str | None = None,
+                   talk: float | None = None, after_hours: bool = False, stage: str | None = None,
+                   holder: str | None = None, probe: bool = False, name: str = "") -> None:
+    start = local(started)
+    answered = start + timedelta(seconds=ring or 0) if talk is not None else None
+    ended = (answered + timedelta(seconds=talk or 0)) if answered else start + timedelta(seconds=(ring or 0) + 5)
+    await conn.execute(
+        """INSERT INTO calls (linkedid, did, trunk, caller_number, caller_name, started_at, ring_started_at,
+               answered_at, ended_at, ring_seconds, rings, within_ring_limit, answered_by, disposition, after_hours,
+               talk_seconds, is_probe, source, answered_stage, forwarded_to, duty_holder, needs_call_sheet)
+           VALUES ($1, '4008001234', 'carrier', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ami',
+                   $16, $17, $18, $19)""",
+        linkedid, caller, name, start, start if ring is not None else None, answered, ended, ring,
+        None if ring is None else int(ring // 5) + 1, within, answered_by, disposition, after_hours, talk, probe,
+        stage, "13900139000" if stage == "mobile" else None, holder, stage == "mobile")
+
+
+async def add_violation(conn: asyncpg.Connection, kind: str, linkedid: str | None, at: str,
+                        channel: str = "") -> None:
+    await conn.execute("INSERT INTO policy_violations (kind, linkedid, occurred_at, details) VALUES ($1, $2, $3, $4)",
+                       kind, linkedid, local(at), f'{{"channel": "{channel}"}}' if channel else "{}")
+
+
+async def add_outbound(conn: asyncpg.Connection, linkedid: str, dialled: str, at: str, answered: bool) -> None:
+    """CEL rows of a call placed from an office phone, as Asterisk writes them."""
+    start = utc_naive(local(at))
+    rows = [("CHAN_START", start, f"PJSIP/office201-{linkedid}", linkedid, dialled),
+            ("CHAN_START", start, f"PJSIP/pstn-{linkedid}", f"{linkedid}.2", "s")]
+    if answered:
+        rows.append(("ANSWER", start + timedelta(seconds=3), f"PJSIP/pstn-{linkedid}", f"{linkedid}.2", dialled))
+        rows.append(("ANSWER", start + timedelta(seconds=3), f"PJSIP/office201-{linkedid}", linkedid, dialled))
+    else:  # the office phone's own channel answered (e.g. a Playback) is not the customer answering
+        rows.append(("ANSWER", start, f"PJSIP/office201-{linkedid}", linkedid, dialled))
+    await conn.executemany(
+        "INSERT INTO cel (eventtype, eventtime, channame, uniqueid, linkedid, exten, context) "
+        "VALUES ($1, $2, $3, $4, $5, $6, 'office-phones')",
+        [(kind, when, channel, uniqueid, linkedid, exten) for kind, when, channel, uniqueid, exten in rows])
+
+
+def sheet(**fields: Any) -> CallSheet:
+    return CallSheet.model_validate({"author": "组长李雪莲", "category": "咨询", "summary": "询问课程安排"} | fields)
+
+
+async def seed(conn: asyncpg.Connection) -> None:
+    # Monday 2030-06-10, Asia/Shanghai.
+    await add_call(conn, "A", "2030-06-10 09:00:00", caller="13800000001", disposition="answered", ring=7.0,
+                   within=True, answered_by="agent101", talk=60, stage="group", name="张三客户")
+    await add_call(conn, "B", "2030-06-10 10:00:00", caller="13800000002", disposition="answered", ring=17.0,
+                   within=False, answered_by="agent102", talk=120, stage="escalation")
+    await add_call(conn, "C", "2030-06-10 11:00:00", caller="13800000003", disposition="abandoned", ring=6.0)
+    await add_call(conn, "D", "2030-06-10 14:00:00", caller="13800000004", disposition="voicemail", ring=35.0,
+                   within=False)
+    await add_call(conn, "E", "2030-06-10 19:00:00", caller="13800000005", disposition="forwarded",
+                   answered_by="13900139000", talk=30, after_hours=True, stage="mobile", holder="值班员小王")
+    await add_call(conn, "F", "2030-06-10 23:59:30", caller="13800000006", disposition="forward_missed",
+                   after_hours=True)
+    await add_call(conn, "G", "2030-06-10 08:00:00", caller="02566660000", disposition="answered", ring=0.5,
+                   within=True, answered_by="pbx-bridge-probe", talk=1, probe=True)
+    await add_call(conn, "W", "2030-06-10 12:10:00", caller="anonymous", disposition="missed", ring=20.0,
+                   within=False)
+    # Tuesday 2030-06-11: H is 16:00:30 UTC on the 10th, but the 11th in Shanghai.
+    await add_call(conn, "H", "2030-06-11 00:00:30", caller="13800000008", disposition="forwarded",
+                   answered_by="13900139000", talk=20, after_hours=True, stage="mobile", holder="值班员小王")
+    await add_call(conn, "I", "2030-06-11 09:30:00", caller="13800000003", disposition="answered", ring=3.0,
+                   within=True, answered_by="agent101", talk=10, stage="group")
+    await add_call(conn, "J", "2030-06-11 10:00:00", caller="+86 138-0000-0006", disposition="missed", ring=16.0,
+                   within=False)
+
+    await add_violation(conn, "ring_limit", "B", "2030-06-10 10:00:15")
+    await add_violation(conn, "ring_limit", "D", "2030-06-10 14:00:15")
+    await add_violation(conn, "unanswered", "D", "2030-06-10 14:00:40")
+    await add_violation(conn, "unanswered", "F", "2030-06-10 23:59:55")
+    await add_violation(conn, "ring_limit", "W", "2030-06-10 12:10:15")
+    await add_violation(conn, "outbound_attempt", None, "2030-06-10 12:30:00", channel="PJSIP/agent101-01")
+    await add_violation(conn, "ring_limit", "G", "2030-06-10 08:00:15")  # a probe's: never counted
+    await add_violation(conn, "ring_limit", "J", "2030-06-11 10:00:15")
+
+    await add_outbound(conn, "cb-D", "913800000004", "2030-06-10 15:00:00", answered=True)  # clears D
+    await add_outbound(conn, "cb-F-early", "13800000006", "2030-06-10 12:00:00", answered=True)  # before F
+    await add_outbound(conn, "cb-F-busy", "13800000006", "2030-06-11 08:00:00", answered=False)  # not answered
+
+    await conn.execute(
+        """INSERT INTO line_probes (probe_id, attempt, trigger, number, started_at, finished_at, outcome, delay_ms)
+           VALUES ('p1', 1, 'daily', '4008001234', $1, $2, 'ok', 850),
+                  ('p2', 1, 'quiet', '4008001234', $3, $4, 'no_arrival', NULL)""",
+        local("2030-06-10 08:00:00"), local("2030-06-10 08:00:02"), local("2030-06-11 03:00:00"),
+        local("2030-06-11 03:00:20"))
+
+    await save_sheet(conn, "A", sheet(status="已完成"))
+    await save_sheet(conn, "E", sheet(category="投诉", summary="快递延误", owner="杨雪峰", status="处理中",
+                                      contact="13800000005 王女士"))
+
+
+@contextlib.asynccontextmanager
+async def rolled_back(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection inside a transaction that is always rolled back (the module's data stays as seeded)."""
+    conn = await asyncpg.connect(dsn)
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield conn
+    finally:
+        await transaction.rollback()
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def views_dsn(devenv: DevEnv) -> Iterator[str]:
+    with scratch_database(devenv, "views") as dsn:
+        async def prepare() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await seed(conn)
+            finally:
+                await conn.close()
+        asyncio.run(prepare())
+        yield dsn
+
+
+@pytest.fixture
+async def db(views_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(views_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def kpi(conn: asyncpg.Connection, day: str) -> dict[str, Any]:
+    row = await conn.fetchrow("SELECT * FROM v_daily_kpi WHERE day = $1::text::date", day)
+    assert row is not None
+    return dict(row)
+
+
+async def test_daily_kpi_exact_figures_with_the_local_day_and_probes_excluded(db: asyncpg.Connection) -> None:
+    # Before any complaint is overdue.
+    assert await kpi(db, "2030-06-10") == {
+        "day": datetime(2030, 6, 10).date(),
+        "calls": 7,  # A B C D E F W; the probe G is not a call; H is the 11th locally
+        "answered": 3,  # A B E
+        "answer_rate_pct": Decimal("42.9"),  # 3 / 7
+        "within_ring_limit_pct": Decimal("25.0"),  # A of A B D W (C left before the limit; E F never rang agents)
+        "avg_ring_seconds": Decimal("12.0"),  # (7 + 17) / 2, agents' answers only
+        "p90_ring_seconds": Decimal("16.0"),  # 7 + 0.9 * (17 - 7)
+        "abandoned": 1,  # C
+        "missed": 3,  # D (voicemail), F (forward_missed), W (missed)
+        "voicemail": 1,
+        "after_hours_calls": 2,  # E F
+        "after_hours_mobile_answered": 1,  # E
+        "avg_talk_seconds": Decimal("70.0"),  # (60 + 120 + 30) / 3
+        "sheets": 2,  # A E
+        "sheet_rate_pct": Decimal("28.6"),  # 2 / 7
+        "ring_limit_violations": 3,  # B D W (G is a probe's)
+        "unanswered_violations": 2,  # D F
+        "outbound_attempt_violations": 1,
+        "complaint_overdue_violations": 0,
+    }
+    day2 = await kpi(db, "2030-06-11")
+    assert (day2["calls"], day2["answered"], day2["missed"], day2["after_hours_calls"],
+            day2["after_hours_mobile_answered"], day2["ring_limit_violations"]) == (3, 2, 1, 1, 1, 1)
+    assert day2["avg_ring_seconds"] == Decimal("3.0") and day2["sheet_rate_pct"] == Decimal("0.0")
+
+
+async def test_agent_daily(db: asyncpg.Connection) -> None:
+    rows = await db.fetch("SELECT agent, duty_mobile, duty_holder, answered, avg_ring_seconds, ring_limit_breaches, "
+                          "talk_seconds, sheets FROM v_agent_daily WHERE day = '2030-06-10' ORDER BY agent")
+    assert [tuple(r.values()) for r in rows] == [
+        ("13900139000", True, "值班员小王", 1, None, 0, Decimal("30.0"), 1),
+        ("agent101", False, None, 1, Decimal("7.0"), 0, Decimal("60.0"), 1),
+        ("agent102", False, None, 1, Decimal("17.0"), 1, Decimal("120.0"), 0),
+    ]
+    assert "pbx-bridge-probe" not in {r["agent"] for r in await db.fetch("SELECT agent FROM v_agent_daily")}
+
+
+async def test_callbacks_due_are_cleared_by_answered_callbacks_and_later_answered_calls(
+        db: asyncpg.Connection) -> None:
+    rows = await db.fetch("SELECT linkedid, caller_number, due_calls_from_number, waiting_minutes, result "
+                          "FROM v_callbacks_due")
+    # C: the same number called again and was answered (I). D: called back from an office phone with an
+    # outside-line prefix 9 (cb-D). F: the office's answered call was before F, the later one not answered.
+    # J: the same number as F written +86 138-0000-0006. W: withheld number, nobody can call it back.
+    assert [(r["linkedid"], r["caller_number"], r["due_calls_from_number"], r["result"]) for r in rows] == [
+        ("F", "13800000006", 2, "转客服手机未接"), ("J", "+86 138-0000-0006", 2, "未接")]
+    assert rows[0]["waiting_minutes"] > rows[1]["waiting_minutes"]  # oldest first (this data is in 2030)
+
+
+async def test_callback_outbound_clears_a_due_call(views_dsn: str) -> None:
+    async with rolled_back(views_dsn) as conn:
+        await add_outbound(conn, "cb-F", "0013800000006", "2030-06-11 11:00:00", answered=True)
+        assert await conn.fetchval("SELECT count(*) FROM v_callbacks_due") == 0
+
+
+async def test_call_log_unrecorded_and_call_sheet(db: asyncpg.Connection) -> None:
+    log = await db.fetch("SELECT linkedid, started, day, result, has_sheet FROM v_call_log")
+    assert [r["linkedid"] for r in log] == ["J", "I", "H", "F", "E", "D", "W", "C", "B", "A"]  # newest first
+    h = next(r for r in log if r["linkedid"] == "H")
+    assert str(h["started"]) == "2030-06-11 00:00:30" and str(h["day"]) == "2030-06-11"
+
+    unrecorded = [r["linkedid"] for r in await db.fetch("SELECT linkedid FROM v_unrecorded_calls")]
+    assert unrecorded == ["B", "H", "I"]  # answered without a sheet, H taken on the mobile
+    assert await db.fetchval("SELECT answered_on_mobile FROM v_unrecorded_calls WHERE linkedid = 'H'") is True
+
+    sheets = [dict(r) for r in await db.fetch('SELECT * FROM v_call_sheet ORDER BY "来电时间"')]
+    columns = ["通话编号", "客户姓名", "联系方式", "问题类型", "跟进状态", "跟进人"]
+    assert [tuple(s[c] for c in columns) for s in sheets] == [
+        ("A", "张三客户", "13800000001", "咨询", "已完成", ""),
+        ("E", "", "13800000005 王女士", "投诉", "处理中", "杨雪峰")]
+    assert str(sheets[0]["来电时间"]) == "2030-06-10 09:00:00"
+
+
+async def test_filling_a_sheet_removes_the_call_from_unrecorded_and_keeps_history(views_dsn: str) -> None:
+    async with rolled_back(views_dsn) as conn:
+        first = await save_sheet(conn, "B", sheet(author="agent102 王", status="待处理"))
+        assert first.changed and first.row["version"] == 1
+        assert "B" not in [r["linkedid"] for r in await conn.fetch("SELECT linkedid FROM v_unrecorded_calls")]
+        same = await save_sheet(conn, "B", sheet(author="agent102 王", status="待处理"))
+        assert not same.changed and same.row["version"] == 1
+        done = await save_sheet(conn, "B", sheet(author="组长", status="已完成", resolution="已回复"))
+        assert done.row["version"] == 2 and done.row["completed_at"] is not None
+        history = await conn.fetch("SELECT version, changed_by, changes FROM call_note_history "
+                                   "WHERE linkedid = 'B' ORDER BY version")
+        assert [(h["version"], h["changed_by"]) for h in history] == [(1, "agent102 王"), (2, "组长")]
+        assert history[1]["changes"] == ('{"status": {"new": "已完成", "old": "待处理"}, '
+                                         '"resolution": {"new": "已回复", "old": ""}}')
+        reopened = await save_sheet(conn, "B", sheet(author="组长", status="处理中", resolution="已回复"))
+        assert reopened.row["completed_at"] is None
+
+
+async def test_overdue_complaints_become_violations_once(views_dsn: str) -> None:
+    async with rolled_back(views_dsn) as conn:
+        e_ended = await conn.fetchval("SELECT ended_at FROM calls WHERE linkedid = 'E'")
+        assert await record_overdue_complaints(conn, 60, e_ended + timedelta(minutes=59)) == []
+        recorded = await record_overdue_complaints(conn, 60, e_ended + timedelta(minutes=61))
+        assert [(r["linkedid"], r["occurred_at"]) for r in recorded] == [("E", e_ended + timedelta(minutes=60))]
+        assert await record_overdue_complaints(conn, 60, e_ended + timedelta(hours=5)) == []  # once
+        assert (await kpi(conn, "2030-06-10"))["complaint_overdue_violations"] == 1
+        row = await conn.fetchrow("SELECT violation, subject FROM v_violations WHERE kind = 'complaint_overdue'")
+        assert tuple(row.values()) == ("投诉超时未处理", "杨雪峰")
+
+
+async def test_a_complaint_resolved_late_is_still_a_violation(views_dsn: str) -> None:
+    async with rolled_back(views_dsn) as conn:
+        await conn.execute("UPDATE call_notes SET status = '已完成', completed_at = c.ended_at + interval '2 hours' "
+                           "FROM calls c WHERE c.linkedid = call_notes.linkedid AND c.linkedid = 'E'")
+        assert len(await record_overdue_complaints(conn, 60, datetime(2031, 1, 1, tzinfo=UTC))) == 1
+        await conn.execute("DELETE FROM policy_violations WHERE kind = 'complaint_overdue'")
+        await conn.execute("UPDATE call_notes SET completed_at = c.ended_at + interval '30 minutes' "
+                           "FROM calls c WHERE c.linkedid = call_notes.linkedid AND c.linkedid = 'E'")
+        assert await record_overdue_complaints(conn, 60, datetime(2031, 1, 1, tzinfo=UTC)) == []
+
+
+async def test_violations_view_excludes_probes_and_uses_local_time(db: asyncpg.Connection) -> None:
+    rows = await db.fetch("SELECT occurred, kind, linkedid, violation FROM v_violations WHERE day = '2030-06-10'")
+    assert [(str(r["occurred"]), r["kind"], r["linkedid"]) for r in rows] == [
+        ("2030-06-10 23:59:55", "unanswered", "F"), ("2030-06-10 14:00:40", "unanswered", "D"),
+        ("2030-06-10 14:00:15", "ring_limit", "D"), ("2030-06-10 12:30:00", "outbound_attempt", None),
+        ("2030-06-10 12:10:15", "ring_limit", "W"), ("2030-06-10 10:00:15", "ring_limit", "B")]
+
+
+async def test_hourly_load(db: asyncpg.Connection) -> None:
+    rows = await db.fetch("SELECT day, hour, weekday, calls, answered, unanswered FROM v_hourly_load "
+                          "WHERE day = '2030-06-10' ORDER BY hour")
+    assert [(r["hour"], r["calls"], r["answered"], r["unanswered"]) for r in rows] == [
+        (9, 1, 1, 0), (10, 1, 1, 0), (11, 1, 0, 1), (12, 1, 0, 1), (14, 1, 0, 1), (19, 1, 1, 0), (23, 1, 0, 1)]
+    assert {r["weekday"] for r in rows} == {1}  # Monday
+    midnight = await db.fetchrow("SELECT hour, calls FROM v_hourly_load WHERE day = '2030-06-11' AND hour = 0")
+    assert tuple(midnight.values()) == (0, 1)  # H
+
+
+async def test_line_health_follows_the_latest_evidence(views_dsn: str) -> None:
+    async with rolled_back(views_dsn) as conn:
+        health = await conn.fetchrow("SELECT * FROM v_line_health")
+        # The last probe (03:00 on the 11th) failed, but real calls arrived after it (J at 10:00).
+        assert (health["state"], health["state_label"], health["evidence"]) == ("ok", "正常", "call")
+        assert (health["last_probe_outcome"], str(health["last_probe_at"]), str(health["last_call_at"]),
+                str(health["last_ok_probe_at"])) == (
+            "no_arrival", "2030-06-11 03:00:00", "2030-06-11 10:00:00", "2030-06-10 08:00:00")
+        await conn.execute(
+            """INSERT INTO line_probes (probe_id, attempt, trigger, number, started_at, finished_at, outcome,
+                   reason) VALUES ('p3', 1, 'manual', '4008001234', $1, $2, 'timeout', 'no answer')""",
+            local("2030-06-11 11:00:00"), local("2030-06-11 11:00:20"))
+        health = await conn.fetchrow("SELECT state, state_label, evidence, last_probe_trigger FROM v_line_health")
+        assert tuple(health.values()) == ("failing", "故障", "probe", "manual")
+
+
+async def test_every_view_and_column_has_a_bilingual_comment(db: asyncpg.Connection) -> None:
+    missing = await db.fetch(
+        """SELECT c.relname, a.attname, col_description(c.oid, a.attnum) AS column_comment,
+                  obj_description(c.oid, 'pg_class') AS view_comment
+           FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+           WHERE c.relkind = 'v' AND c.relname = ANY($1::text[])""", VIEWS)
+    assert {r["relname"] for r in missing} == set(VIEWS)
+    for row in missing:
+        for comment in (row["column_comment"], row["view_comment"]):
+            assert comment and "/" in comment and any("\u4e00" <= ch <= "\u9fff" for ch in comment), (
+                row["relname"], row["attname"], comment)
+
+
+@pytest.fixture(scope="module")
+def login_roles(views_dsn: str) -> Iterator[dict[str, str]]:
+    """A login user in each group role, with DSNs; dropped afterwards."""
+    suffix = secrets.token_hex(3)
+    users = {"pbx_supervisor": f"sup_{suffix}", "pbx_bridge": f"app_{suffix}"}
+    password = secrets.token_hex(12)
+
+    async def run(statements: list[str]) -> None:
+        conn = await asyncpg.connect(views_dsn)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run([f"CREATE ROLE {user} LOGIN PASSWORD '{password}' IN ROLE {group}"
+                     for group, user in users.items()]))
+    scheme, rest = views_dsn.split("://", 1)
+    host_db = rest.split("@", 1)[-1]
+    yield {group: f"{scheme}://{user}:{password}@{host_db}" for group, user in users.items()}
+    asyncio.run(run([f"DROP ROLE {user}" for user in users.values()]))
+
+
+async def test_supervisor_reads_every_view_and_no_table(login_roles: dict[str, str]) -> None:
+    conn = await asyncpg.connect(login_roles["pbx_supervisor"])
+    try:
+        for view in VIEWS:
+            await conn.fetch(f"SELECT * FROM {view} LIMIT 5")
+        assert await conn.fetchval("SELECT calls FROM v_daily_kpi WHERE day = '2030-06-10'") == 7
+        denied = [f"SELECT * FROM {table}" for table in TABLES] + [
+            "SELECT * FROM call_facts", "SELECT * FROM outbound_answered",
+            "INSERT INTO calls (linkedid, did, trunk, started_at, source) VALUES ('x', '1', 't', now(), 'ami')",
+            "UPDATE calls SET caller_name = 'x'", "DELETE FROM call_notes",
+            "CREATE TABLE mine (x int)", "CREATE VIEW mine AS SELECT 1"]
+        for statement in denied:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(statement)
+        assert not await conn.fetchval(
+            "SELECT bool_or(has_table_privilege(v, 'INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')) "
+            "FROM unnest($1::text[]) AS v", VIEWS)
+    finally:
+        await conn.close()
+
+
+async def test_daemon_role_can_do_its_work_and_nothing_else(login_roles: dict[str, str]) -> None:
+    async with rolled_back(login_roles["pbx_bridge"]) as conn:
+        await save_sheet(conn, "I", sheet(author="agent101"))
+        await record_overdue_complaints(conn, 60, datetime(2031, 1, 1, tzinfo=UTC))
+        await conn.execute("UPDATE bridge_settings SET timezone = 'Asia/Shanghai'")
+        await conn.execute("INSERT INTO duty_roster (holder, mobile, starts_at, ends_at) "
+                           "VALUES ('x', '13900000000', now(), now() + interval '1 hour')")
+        await conn.execute("DELETE FROM duty_roster WHERE holder = 'x'")
+        await conn.fetch("SELECT * FROM v_daily_kpi")
+    conn = await asyncpg.connect(login_roles["pbx_bridge"])
+    try:
+        for statement in ["DELETE FROM calls", "DELETE FROM policy_violations", "TRUNCATE call_note_history",
+                          "UPDATE call_note_history SET changed_by = 'x'", "INSERT INTO cel (eventtype, eventtime) "
+                          "VALUES ('X', now())", "DROP TABLE calls", "CREATE TABLE mine (x int)",
+                          "DELETE FROM call_notes", "INSERT INTO schedule_overrides (day, reason) VALUES "
+                          "('2030-01-01', 'x')"]:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(statement)
+    finally:
+        await conn.close()
