@@ -30,8 +30,11 @@ def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload,no-any-return]
 
 
-def dsn() -> str:
-    return f"postgresql://postgres@127.0.0.1:{PG_PORT}/{DB_NAME}"
+DAEMON_USER = "pbx_bridge_app"  # a login user in the pbx_bridge role: the daemon runs with only its grants
+
+
+def dsn(user: str = "postgres") -> str:
+    return f"postgresql://{user}@127.0.0.1:{PG_PORT}/{DB_NAME}"
 
 
 def sandbox_settings() -> dict[str, object]:
@@ -62,7 +65,7 @@ secret_file = "{secret_file}"
 ping_interval_seconds = 5.0
 
 [database]
-dsn = "{dsn()}"
+dsn = "{dsn(DAEMON_USER)}"
 spool_path = "{STATE / "spool.jsonl"}"
 
 [hotline]
@@ -100,14 +103,19 @@ def up() -> None:
         run(["psql", "-q", "-h", "127.0.0.1", "-p", PG_PORT, "-U", "postgres", "-c", f"CREATE DATABASE {DB_NAME}"])
     config = write_config()
     # Migrations first: cel_pgsql reads the cel table's columns only when Asterisk loads it.
-    run([str(VENV_BIN / "pbx-bridge"), "migrate", "--config", str(config)])
+    # Migrations as the database owner; the daemon's own user gets only the pbx_bridge role.
+    run([str(VENV_BIN / "pbx-bridge"), "migrate", "--config", str(config)],
+        env={**os.environ, "PBX_BRIDGE_DATABASE_DSN": dsn()})
+    run(["psql", "-q", "-h", "127.0.0.1", "-p", PG_PORT, "-U", "postgres", "-d", DB_NAME, "-c",
+         f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{DAEMON_USER}') THEN "
+         f"CREATE ROLE {DAEMON_USER} LOGIN IN ROLE pbx_bridge; END IF; END $$"])
     generated = STATE / "pbx-generated"
     generated.mkdir(exist_ok=True)
     run([str(VENV_BIN / "pbx-bridge"), "dialplan", "--config", str(config),
          "--output", str(generated / "extensions_generated.conf")])
     run([*SANDBOX, "start", "--state", str(STATE / "sandbox"), "--pg-port", PG_PORT, "--pg-db", DB_NAME,
          "--extra", str(generated)])
-    print(f"devenv: ready. config {config}; database {dsn()}")
+    print(f"devenv: ready. config {config}; database {dsn()} (the daemon connects as {DAEMON_USER})")
 
 
 def down() -> None:
