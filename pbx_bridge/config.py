@@ -442,8 +442,7 @@ def _apply_secret_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
             table = raw.setdefault(section, {})
             if isinstance(table, dict):
                 table[key] = value
-                if section == "ami":
-                    table.pop("secret_file", None)
+                table.pop(f"{key}_file", None)  # the environment beats a file named in the config
 
 
 def _describe(error: ValidationError) -> str:

@@ -51,10 +51,30 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
     ('timezone = "Mars/Olympus"\n' + MINIMAL, "timezone: unknown time zone 'Mars/Olympus'"),
     (MINIMAL.replace("postgresql://", "mysql://"), "database.dsn: must be a postgresql:// URL"),
     (MINIMAL + '[api]\nlisten = "8400"\n', "api.listen"),
+    (MINIMAL + "[call_sheet]\ncomplaint_reply_minutes = 0\n", "call_sheet.complaint_reply_minutes"),
+    (MINIMAL + '[report]\nrecipients = ["boss@example.com"]\n', "report.recipients: set \\[smtp\\] host"),
+    (MINIMAL + '[report]\nrecipients = ["boss@example.com>, x"]\n[smtp]\nhost = "m"\n', "report.recipients"),
+    (MINIMAL + '[report]\ndaily_at = "8:10"\n', "report.daily_at: must be HH:MM"),
+    (MINIMAL + '[smtp]\nhost = "m"\npassword = "pw"\n', "smtp: a password needs a username"),
+    (MINIMAL + '[smtp]\nsecurity = "ssl"\n', "smtp.security"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(".", r"\.")):
         load_settings(write(tmp_path, text), environ={})
+
+
+def test_smtp_password_from_file_or_environment_stays_secret(tmp_path: Path) -> None:
+    secret = tmp_path / "smtp.password"
+    secret.write_text("m4il-s3cret\n")
+    text = MINIMAL + f'[smtp]\nhost = "mail.example.com"\nusername = "bridge"\npassword_file = "{secret}"\n'
+    settings = load_settings(write(tmp_path, text), environ={})
+    password = settings.smtp.resolved_password()
+    assert password is not None and password.get_secret_value() == "m4il-s3cret"
+    assert "m4il-s3cret" not in repr(settings)
+    from_env = load_settings(write(tmp_path, MINIMAL + '[smtp]\nhost = "m"\nusername = "u"\n'),
+                             environ={"PBX_BRIDGE_SMTP_PASSWORD": "env-s3cret"})
+    password = from_env.smtp.resolved_password()
+    assert password is not None and password.get_secret_value() == "env-s3cret"
 
 
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:
