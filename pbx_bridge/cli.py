@@ -1,4 +1,4 @@
-"""The `pbx-bridge` command line: run, migrate, check-config."""
+"""The `pbx-bridge` command line: run, migrate, check-config, probe, dialplan, report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -16,6 +16,7 @@ from pbx_bridge import __version__
 from pbx_bridge.config import ConfigError, Settings, config_path, load_settings
 from pbx_bridge.logs import configure_logging
 from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
+from pbx_bridge.storage.settings import publish_settings
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -37,7 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     dialplan = commands.add_parser("dialplan", parents=[common],
                                    help="write extensions_generated.conf (the dialplan's static fallback)")
     dialplan.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    report = commands.add_parser("report", parents=[common],
+                                 help="the daily management report of one local day (default: yesterday)")
+    report.add_argument("--date", type=_iso_day, metavar="YYYY-MM-DD",
+                        help="the local day to report (default: yesterday in the configured time zone)")
+    report.add_argument("--format", choices=["text", "csv", "html"],
+                        help="what to print (default: text); a CSV file is written with a BOM for Excel")
+    report.add_argument("--email", action="store_true",
+                        help="mail it to [report] recipients instead ([report] format, the CSV attached)")
+    report.add_argument("--output", metavar="FILE", help="write here instead of standard output")
     return parser
+
+
+def _iso_day(text: str) -> date:
+    """argparse type: a YYYY-MM-DD date."""
+    try:
+        if len(text) != 10:
+            raise ValueError(text)
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
 def _check_config(settings: Settings) -> None:
@@ -123,6 +143,7 @@ async def _migrate(settings: Settings) -> None:
     conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
     try:
         applied = await migrate(conn, sql_dir())
+        await publish_settings(conn, settings)
     finally:
         await conn.close()
     print("migrations applied: " + ", ".join(applied) if applied else "database schema is up to date")
@@ -130,7 +151,10 @@ async def _migrate(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `pbx-bridge` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "report" and args.email and (args.format or args.output):
+        parser.error("report --email mails the configured [report] format; it takes no --format or --output")
     try:
         settings = load_settings(config_path(args.config))
     except ConfigError as exc:
@@ -149,9 +173,73 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(_migrate(settings))
         elif args.command == "run":
             _run(settings, log)
+        elif args.command == "report":
+            raise SystemExit(asyncio.run(_report(settings, args.date, args.format or "text", args.email,
+                                                 args.output)))
     except (MigrationError, OSError, asyncpg.PostgresError) as exc:
         print(f"pbx-bridge {args.command}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_FAILURE) from None
+
+
+async def _report(settings: Settings, day: date | None, fmt: str, email: bool, output: str | None) -> int:
+    """Build the report of `day` from the views; print it, write it to `output`, or mail it."""
+    from pbx_bridge.report import (
+        ReportError,
+        build_report,
+        compose_email,
+        default_day,
+        render_csv,
+        render_html,
+        render_text,
+        send_email,
+    )
+    from pbx_bridge.routing import Clock
+
+    recipients = settings.report.recipients
+    if email and (not recipients or settings.smtp.host is None):
+        missing = "no [report] recipients are configured" if not recipients else "no [smtp] host is configured"
+        print(f"pbx-bridge report: cannot mail the report: {missing}", file=sys.stderr)
+        return EXIT_CONFIG
+    now = Clock.from_environment().now()
+    day = day or default_day(now, settings.zone)
+    conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
+    try:
+        report = await build_report(conn, day, generated_at=now)
+    finally:
+        await conn.close()
+    if report.timezone != settings.timezone:
+        print(f"pbx-bridge report: warning: the database's views use the time zone {report.timezone}, the "
+              f"configuration says {settings.timezone} (run `pbx-bridge migrate` to align them)", file=sys.stderr)
+    if email:
+        try:
+            await send_email(settings.smtp, compose_email(report, settings.smtp, recipients, settings.report.format))
+        except ReportError as exc:
+            print(f"pbx-bridge report: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"mailed the report of {day.isoformat()} to {', '.join(recipients)}")
+        return 0
+    text = {"text": render_text, "csv": render_csv, "html": render_html}[fmt](report)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _write_atomically(Path(output), text, "utf-8-sig" if fmt == "csv" else "utf-8")
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _write_atomically(target: Path, text: str, encoding: str) -> None:
+    """Write `text` next to `target`, then rename it over `target` (readers never see half a file; mode 0600)."""
+    import os
+    import tempfile
+
+    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding, newline="") as handle:
+            handle.write(text)
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def _run(settings: Settings, log: structlog.typing.FilteringBoundLogger) -> None:

@@ -35,6 +35,7 @@ from pbx_bridge.config import Settings
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.notes import COMPLAINT_OVERDUE, ComplaintWatch
 from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
+from pbx_bridge.report import DailyReportScheduler
 from pbx_bridge.routing import Clock, RoutingPublisher
 from pbx_bridge.storage.settings import keep_settings_published
 from pbx_bridge.storage.writer import CallWriter
@@ -60,7 +61,8 @@ _STOP: Final = None
 
 
 def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publisher: RoutingPublisher,
-                  connect: Callable[[], Awaitable[asyncpg.Connection]], trunk: TrunkHealth) -> dict[str, Component]:
+                  connect: Callable[[], Awaitable[asyncpg.Connection]], trunk: TrunkHealth,
+                  reports: DailyReportScheduler) -> dict[str, Component]:
     """What /healthz reports: AMI and database are critical; the rest informs."""
     async def ami_check() -> tuple[bool, dict[str, Any]]:
         return ami.connected.is_set(), {"sessions": ami.sessions, "reconnects": ami.reconnects}
@@ -80,6 +82,12 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
         return trunk.reachable is not False, {"endpoint": trunk.endpoint, "qualify": trunk.status,
                                               "rtt_ms": trunk.rtt_ms}
 
+    async def report_check() -> tuple[bool, dict[str, Any]]:
+        sent = reports.last_sent_day
+        return reports.last_error is None, {
+            "recipients": len(settings.report.recipients), "daily_at": settings.report.daily_at,
+            "last_sent_day": sent.isoformat() if sent else None, "error": reports.last_error}
+
     return {
         "ami": ami_check,
         "trunk": trunk_check,
@@ -88,6 +96,7 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
         "routing_state": component_age("published_seconds_ago", lambda: publisher.published_at,
                                        settings.hotline.state_max_age_seconds),
         "holiday_calendar": calendar_check,
+        "daily_report": report_check,
     }
 
 
@@ -289,13 +298,14 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         metrics.violations.labels(COMPLAINT_OVERDUE).inc()
         alerter.submit(alert)
 
+    reports = DailyReportScheduler(settings.report, settings.smtp, settings.zone, clock, connect)
     complaints = ComplaintWatch(connect, settings.call_sheet.complaint_reply_minutes,
                                 settings.call_sheet.sweep_interval_seconds,
                                 lambda: datetime.now(UTC), complaint_overdue)  # call times are real time
     outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk)
     api = create_app(ApiContext(
         metrics=metrics, live=live, connect=connect,
-        health=health_checks(settings, ami, writer, publisher, connect, trunk),
+        health=health_checks(settings, ami, writer, publisher, connect, trunk, reports),
         critical=frozenset({"ami", "database"}),
         token=(token.get_secret_value() if (token := settings.api.resolved_token()) else None),
         mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes))
@@ -316,6 +326,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             tasks.create_task(serve(api, host, port, shutting_down.wait), name="api")
             tasks.create_task(keep_settings_published(connect, settings, shutting_down), name="settings")
             tasks.create_task(complaints.run(), name="complaints")
+            tasks.create_task(reports.run(), name="daily-report")
             if probes is not None and scheduler is not None:
                 tasks.create_task(probes.run(), name="probes")
                 tasks.create_task(scheduler.run(), name="probe-scheduler")
@@ -328,6 +339,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             hangups.put_nowait(None)
             alerter.stop()
             complaints.stop()
+            reports.stop()
             if probes is not None and scheduler is not None:
                 probes.stop()
                 scheduler.stop()

@@ -79,6 +79,11 @@ async def demo_call(env: DevEnv) -> None:
                 for key in SHOWN:
                     value = row[key].astimezone(ZONE) if isinstance(row[key], datetime) else row[key]
                     print(f"      {key:<18} {value}")
+                line = await pool.fetchrow("SELECT started, result, answered_by, rings, within_ring_limit, "
+                                           "talk_seconds, has_sheet FROM v_call_log WHERE linkedid = $1",
+                                           row["linkedid"])
+                print(">>> what a supervisor sees in v_call_log (docs/supervisors.md):")
+                print("      " + ", ".join(f"{key}={value}" for key, value in (line or {}).items()))
                 print()
                 return
         raise SystemExit("demo: no record appeared within 30 s; see the log above")
@@ -98,7 +103,9 @@ def main() -> None:
             raise SystemExit("demo: pbx-bridge did not connect to the sandbox AMI within 30 s")
         asyncio.run(demo_call(env))
         print(f">>> pbx-bridge is running against the sandbox; database {env.dsn}")
-        print(">>> try: psql " + env.dsn + " -c 'SELECT * FROM calls ORDER BY started_at DESC LIMIT 5'")
+        print(">>> try: psql " + env.dsn + " -c 'SELECT * FROM v_call_log LIMIT 5'")
+        print(">>>      .venv/bin/pbx-bridge report --config " + str(env.config_path) + " --date "
+              + datetime.now(ZONE).date().isoformat())
         print(">>> Ctrl-C stops pbx-bridge, the sandbox PBX and PostgreSQL.\n", flush=True)
         daemon.wait()
     except KeyboardInterrupt:

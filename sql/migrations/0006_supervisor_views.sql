@@ -128,7 +128,7 @@ WITH per_day AS (
            count(*) FILTER (WHERE within_ring_limit) AS within_limit,
            count(*) FILTER (WHERE within_ring_limit IS NOT NULL) AS limit_applies,
            avg(ring_seconds) FILTER (WHERE answered_at IS NOT NULL AND NOT on_mobile) AS avg_ring,
-           percentile_cont(0.9) WITHIN GROUP (ORDER BY ring_seconds)
+           percentile_disc(0.9) WITHIN GROUP (ORDER BY ring_seconds)
                FILTER (WHERE answered_at IS NOT NULL AND NOT on_mobile) AS p90_ring,
            count(*) FILTER (WHERE disposition = 'abandoned') AS abandoned,
            count(*) FILTER (WHERE disposition IN ('missed', 'forward_missed', 'voicemail')) AS missed,
@@ -136,7 +136,8 @@ WITH per_day AS (
            count(*) FILTER (WHERE after_hours) AS after_hours,
            count(*) FILTER (WHERE after_hours AND on_mobile) AS after_hours_mobile_answered,
            avg(talk_seconds) FILTER (WHERE answered_at IS NOT NULL) AS avg_talk,
-           count(*) FILTER (WHERE has_sheet) AS sheets
+           count(*) FILTER (WHERE has_sheet) AS sheets,
+           count(*) FILTER (WHERE disposition IS NULL AND answered_at IS NULL) AS unfinished
     FROM call_facts
     GROUP BY local_day
 ), violations AS (
@@ -162,6 +163,7 @@ SELECT coalesce(d.day, v.day) AS day,
        coalesce(d.abandoned, 0) AS abandoned,
        coalesce(d.missed, 0) AS missed,
        coalesce(d.voicemail, 0) AS voicemail,
+       coalesce(d.unfinished, 0) AS unfinished,
        coalesce(d.after_hours, 0) AS after_hours_calls,
        coalesce(d.after_hours_mobile_answered, 0) AS after_hours_mobile_answered,
        round(d.avg_talk, 1) AS avg_talk_seconds,
@@ -182,9 +184,10 @@ COMMENT ON COLUMN v_daily_kpi.answered IS '接通数(坐席或客服手机)/ cal
 COMMENT ON COLUMN v_daily_kpi.answer_rate_pct IS '接通率 % = 接通数 / 来电总数 / answer rate in percent';
 COMMENT ON COLUMN v_daily_kpi.within_ring_limit_pct IS '三响内接听率 % = 三响内接听 / (三响内接听 + 超过三响);来电方在三响内挂断的不计 / share of calls answered within the ring limit among calls answered or rung past it, in percent';
 COMMENT ON COLUMN v_daily_kpi.avg_ring_seconds IS '平均振铃时长(秒,坐席接听的来电)/ average seconds to answer at the agents'' phones';
-COMMENT ON COLUMN v_daily_kpi.p90_ring_seconds IS '90% 来电的振铃时长不超过此值(秒,坐席接听)/ 90th percentile of seconds to answer at the agents'' phones';
+COMMENT ON COLUMN v_daily_kpi.p90_ring_seconds IS '90% 坐席接听的来电在此秒数内接听(实际观测值)/ 90 % of the agents'' answers came within this many seconds (an observed value, not interpolated)';
 COMMENT ON COLUMN v_daily_kpi.abandoned IS '来电方接听前挂断数 / calls the caller hung up before anyone answered';
 COMMENT ON COLUMN v_daily_kpi.missed IS '未接数(未接、转手机未接、语音留言)/ calls nobody answered that the caller did not abandon (missed, forward_missed, voicemail)';
+COMMENT ON COLUMN v_daily_kpi.unfinished IS '未结束或结束未被记录的来电(进行中,或AMI中断时丢失结束)/ calls with no recorded end: in progress, or their end was lost in an AMI gap; calls = answered + abandoned + missed + unfinished';
 COMMENT ON COLUMN v_daily_kpi.voicemail IS '语音留言数(未接数的一部分)/ calls that ended in voicemail (part of missed)';
 COMMENT ON COLUMN v_daily_kpi.after_hours_calls IS '非工作时间来电数 / calls outside business hours';
 COMMENT ON COLUMN v_daily_kpi.after_hours_mobile_answered IS '非工作时间客服手机接听数 / after-hours calls the duty mobile answered';
@@ -264,7 +267,7 @@ COMMENT ON COLUMN v_callbacks_due.linkedid IS '通话编号 / call id';
 -- ---------------------------------------------------------------------------------------
 CREATE VIEW v_violations AS
 SELECT (v.occurred_at AT TIME ZONE z.timezone)::timestamp(0) AS occurred,
-       (v.occurred_at AT TIME ZONE z.timezone)::date AS day,
+       coalesce((c.started_at AT TIME ZONE z.timezone)::date, (v.occurred_at AT TIME ZONE z.timezone)::date) AS day,
        v.kind,
        pbx_violation_label(v.kind) AS violation,
        c.caller_number,
@@ -282,7 +285,7 @@ ORDER BY v.occurred_at DESC, v.id DESC;
 
 COMMENT ON VIEW v_violations IS '违规记录(不含测拨),最新在前 / rule breaches (probes excluded), newest first';
 COMMENT ON COLUMN v_violations.occurred IS '发生时间(本地)/ when it happened (local time)';
-COMMENT ON COLUMN v_violations.day IS '日期(本地)/ local date';
+COMMENT ON COLUMN v_violations.day IS '所属日期(本地):有关来电的日期,否则发生日期,与 v_daily_kpi 一致 / local day it counts on: its call''s day, else the day it happened (as in v_daily_kpi)';
 COMMENT ON COLUMN v_violations.kind IS '违规类型代码:ring_limit, unanswered, outbound_attempt, complaint_overdue / kind code';
 COMMENT ON COLUMN v_violations.violation IS '违规类型 / kind in Chinese';
 COMMENT ON COLUMN v_violations.caller_number IS '来电号码(与来电有关时)/ caller number, when about a call';

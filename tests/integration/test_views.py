@@ -185,10 +185,11 @@ async def test_daily_kpi_exact_figures_with_the_local_day_and_probes_excluded(db
         "answer_rate_pct": Decimal("42.9"),  # 3 / 7
         "within_ring_limit_pct": Decimal("25.0"),  # A of A B D W (C left before the limit; E F never rang agents)
         "avg_ring_seconds": Decimal("12.0"),  # (7 + 17) / 2, agents' answers only
-        "p90_ring_seconds": Decimal("16.0"),  # 7 + 0.9 * (17 - 7)
+        "p90_ring_seconds": Decimal("17.0"),  # the smallest observed time covering 90 % of answers
         "abandoned": 1,  # C
         "missed": 3,  # D (voicemail), F (forward_missed), W (missed)
         "voicemail": 1,
+        "unfinished": 0,
         "after_hours_calls": 2,  # E F
         "after_hours_mobile_answered": 1,  # E
         "avg_talk_seconds": Decimal("70.0"),  # (60 + 120 + 30) / 3
@@ -404,3 +405,21 @@ async def test_daemon_role_can_do_its_work_and_nothing_else(login_roles: dict[st
                 await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def test_a_breach_after_midnight_counts_on_its_calls_day_in_both_views(views_dsn: str) -> None:
+    async with rolled_back(views_dsn) as conn:
+        await add_call(conn, "K", "2030-06-11 23:59:55", caller="13800000011", disposition="missed", ring=20.0,
+                       within=False)
+        await add_violation(conn, "ring_limit", "K", "2030-06-12 00:00:10")
+        await conn.execute(  # a call whose end was lost (AMI gap): counted, but in no outcome
+            "INSERT INTO calls (linkedid, did, trunk, caller_number, started_at, source) "
+            "VALUES ('L', '4008001234', 'carrier', '13800000012', $1, 'ami')", local("2030-06-11 15:00:00"))
+        day = await kpi(conn, "2030-06-11")
+        assert (day["calls"], day["ring_limit_violations"], day["unfinished"]) == (5, 2, 1)
+        assert day["calls"] == day["answered"] + day["abandoned"] + day["missed"] + day["unfinished"]
+        listed = await conn.fetch("SELECT linkedid, occurred FROM v_violations WHERE day = '2030-06-11' "
+                                  "AND kind = 'ring_limit'")
+        assert [(r["linkedid"], str(r["occurred"])) for r in listed] == [("K", "2030-06-12 00:00:10"),
+                                                                          ("J", "2030-06-11 10:00:15")]
+        assert await conn.fetchval("SELECT count(*) FROM v_daily_kpi WHERE day = '2030-06-12'") == 0
