@@ -19,6 +19,7 @@ from aiohttp import ClientSession, ClientTimeout
 from tests.support.calls import fetch, one_call
 from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.env import DevEnv
+from tests.support.mail import MailServer, free_port
 from tests.support.ops import api_token, ops
 from tests.support.world import BUSY, IGNORE, answer, connect_world, new_caller_number
 
@@ -133,3 +134,48 @@ async def test_a_complaint_left_open_past_its_deadline_is_a_violation(devenv: De
         assert [tuple(r.values()) for r in rows] == [("投诉超时未处理", "组长杨", customer)]
     finally:
         assert process.stop() == 0
+
+
+async def test_the_daemon_mails_yesterdays_report_once_in_the_morning(devenv: DevEnv, tmp_path: Path) -> None:
+    # Business time Tuesday 2041-03-05 10:00 (open hours, so the routing it publishes matches the
+    # module's daemon); the report is due from 09:00, so it is mailed at start, for 2041-03-04.
+    day = "2041-03-04"
+    await fetch(devenv.dsn, "DELETE FROM report_deliveries WHERE day = $1::text::date", day)  # a rerun's
+    with MailServer(free_port()) as mail:
+        config = derived_config(devenv.config_path, tmp_path / "report.toml", 18415, (
+            '[report]\nrecipients = ["manager@example.com", "ops@example.com"]\ndaily_at = "09:00"\n'
+            f'[smtp]\nhost = "127.0.0.1"\nport = {mail.port}\nsecurity = "none"\nsender = "hotline@example.com"\n'))
+        process = BridgeProcess(config, business_time="2041-03-05T10:00:00+08:00")
+        process.start()
+        try:
+            sent = await asyncio.to_thread(process.wait_for, "daily_report_sent", 20, day=day)
+            assert sent[0]["recipients"] == 2
+            health = await report_health(18415)
+            assert health["ok"] is True and health["last_sent_day"] == day
+        finally:
+            assert process.stop() == 0
+        process = BridgeProcess(config, business_time="2041-03-05T10:05:00+08:00")  # a restart: no second mail
+        process.start()
+        try:  # the restarted daemon has checked, found the day already mailed, and sent nothing
+            await eventually(lambda: _reported(day), 10, "the restarted daemon checking the report")
+        finally:
+            assert process.stop() == 0
+        messages = mail.inbox.messages()
+    assert len(messages) == 1
+    assert messages[0]["To"] == "manager@example.com, ops@example.com"
+    assert day in str(messages[0]["Subject"]) and "400热线日报" in str(messages[0]["Subject"])
+    attachments = [part.get_filename() for part in messages[0].iter_attachments()]
+    assert attachments == [f"hotline-report-{day}.csv"]
+    delivered = await fetch(devenv.dsn, "SELECT recipients FROM report_deliveries WHERE day = $1::text::date", day)
+    assert [r["recipients"] for r in delivered] == [["manager@example.com", "ops@example.com"]]
+
+
+async def report_health(port: int) -> dict[str, Any]:
+    async with ClientSession(timeout=ClientTimeout(total=10)) as http, http.get(
+            f"http://127.0.0.1:{port}/healthz") as response:
+        health: dict[str, Any] = (await response.json())["components"]["daily_report"]
+        return health
+
+
+async def _reported(day: str) -> bool:
+    return bool((await report_health(18415))["last_sent_day"] == day)

@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import email
-import email.policy
 import io
 import os
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from pbx_bridge.config import ReportSettings, SmtpSettings
@@ -41,6 +36,7 @@ from pbx_bridge.report import (
 from pbx_bridge.routing import Clock
 from tests.conftest import scratch_database
 from tests.support.env import REPO, DevEnv
+from tests.support.mail import MailServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -153,47 +149,6 @@ async def db(report_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 # ---------------------------------------------------------------------------------------------
 # A real SMTP server
-
-
-class Inbox:
-    """aiosmtpd handler keeping every message it accepts."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Envelope] = []
-
-    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
-        self.envelopes.append(envelope)
-        return "250 Message accepted for delivery"
-
-    def messages(self) -> list[EmailMessage]:
-        parsed = []
-        for envelope in self.envelopes:
-            assert isinstance(envelope.content, bytes)
-            message = email.message_from_bytes(envelope.content, policy=email.policy.default)
-            assert isinstance(message, EmailMessage)
-            parsed.append(message)
-        return parsed
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class MailServer:
-    def __init__(self, port: int, **options: Any) -> None:
-        self.port = port
-        self.inbox = Inbox()
-        self.controller = Controller(self.inbox, hostname="127.0.0.1", port=port, **options)
-
-    def __enter__(self) -> MailServer:
-        self.controller.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.controller.stop()
 
 
 @pytest.fixture
