@@ -21,48 +21,14 @@ import pytest
 from pbx_bridge.notes import CallSheet, record_overdue_complaints, save_sheet
 from tests.conftest import scratch_database
 from tests.support.env import DevEnv
+from tests.support.seed import add_call, add_violation, local, utc_naive
 
 pytestmark = pytest.mark.integration
 
-SHANGHAI = timedelta(hours=8)
 VIEWS = ["v_call_log", "v_daily_kpi", "v_agent_daily", "v_callbacks_due", "v_violations", "v_line_health",
          "v_unrecorded_calls", "v_hourly_load", "v_call_sheet"]
 TABLES = ["calls", "call_legs", "cel", "policy_violations", "line_probes", "call_notes", "call_note_history",
           "duty_roster", "schedule_overrides", "bridge_settings", "report_deliveries", "schema_migrations"]
-
-
-def local(text: str) -> datetime:
-    """A Shanghai wall-clock time as an aware UTC datetime."""
-    return (datetime.fromisoformat(text) - SHANGHAI).replace(tzinfo=UTC)
-
-
-def utc_naive(moment: datetime) -> datetime:
-    """CEL's eventtime: UTC without a zone, as cel_pgsql writes it."""
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
-async def add_call(conn: asyncpg.Connection, linkedid: str, started: str, *, caller: str, disposition: str,
-                   ring: float | None = None, within: bool | None = None, answered_by: str | None = None,
-                   talk: float | None = None, after_hours: bool = False, stage: str | None = None,
-                   holder: str | None = None, probe: bool = False, name: str = "") -> None:
-    start = local(started)
-    answered = start + timedelta(seconds=ring or 0) if talk is not None else None
-    ended = (answered + timedelta(seconds=talk or 0)) if answered else start + timedelta(seconds=(ring or 0) + 5)
-    await conn.execute(
-        """INSERT INTO calls (linkedid, did, trunk, caller_number, caller_name, started_at, ring_started_at,
-               answered_at, ended_at, ring_seconds, rings, within_ring_limit, answered_by, disposition, after_hours,
-               talk_seconds, is_probe, source, answered_stage, forwarded_to, duty_holder, needs_call_sheet)
-           VALUES ($1, '4008001234', 'carrier', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'ami',
-                   $16, $17, $18, $19)""",
-        linkedid, caller, name, start, start if ring is not None else None, answered, ended, ring,
-        None if ring is None else int(ring // 5) + 1, within, answered_by, disposition, after_hours, talk, probe,
-        stage, "13900139000" if stage == "mobile" else None, holder, stage == "mobile")
-
-
-async def add_violation(conn: asyncpg.Connection, kind: str, linkedid: str | None, at: str,
-                        channel: str = "") -> None:
-    await conn.execute("INSERT INTO policy_violations (kind, linkedid, occurred_at, details) VALUES ($1, $2, $3, $4)",
-                       kind, linkedid, local(at), f'{{"channel": "{channel}"}}' if channel else "{}")
 
 
 async def add_outbound(conn: asyncpg.Connection, linkedid: str, dialled: str, at: str, answered: bool) -> None:
@@ -115,7 +81,8 @@ async def seed(conn: asyncpg.Connection) -> None:
     await add_violation(conn, "unanswered", "D", "2030-06-10 14:00:40")
     await add_violation(conn, "unanswered", "F", "2030-06-10 23:59:55")
     await add_violation(conn, "ring_limit", "W", "2030-06-10 12:10:15")
-    await add_violation(conn, "outbound_attempt", None, "2030-06-10 12:30:00", channel="PJSIP/agent101-01")
+    await add_violation(conn, "outbound_attempt", None, "2030-06-10 12:30:00",
+                        details='{"channel": "PJSIP/agent101-01"}')
     await add_violation(conn, "ring_limit", "G", "2030-06-10 08:00:15")  # a probe's: never counted
     await add_violation(conn, "ring_limit", "J", "2030-06-11 10:00:15")
 
