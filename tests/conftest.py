@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
@@ -21,8 +21,9 @@ def devenv() -> DevEnv:
 
 
 @contextlib.contextmanager
-def scratch_database(devenv: DevEnv, label: str = "it") -> Iterator[str]:
-    """A freshly migrated database of its own on the private cluster, dropped afterwards."""
+def scratch_database(devenv: DevEnv, label: str = "it",
+                     seed: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> Iterator[str]:
+    """A freshly migrated database of its own on the private cluster (then `seed`ed), dropped afterwards."""
     name = f"pbx_bridge_{label}_{secrets.token_hex(4)}"
     admin = devenv.dsn.rsplit("/", 1)[0] + "/postgres"
     dsn = devenv.dsn.rsplit("/", 1)[0] + f"/{name}"
@@ -32,8 +33,12 @@ def scratch_database(devenv: DevEnv, label: str = "it") -> Iterator[str]:
         await conn.execute(f'CREATE DATABASE "{name}"')
         await conn.close()
         conn = await asyncpg.connect(dsn)
-        await migrate(conn, sql_dir())
-        await conn.close()
+        try:
+            await migrate(conn, sql_dir())
+            if seed is not None:
+                await seed(conn)
+        finally:
+            await conn.close()
 
     async def drop() -> None:
         conn = await asyncpg.connect(admin)

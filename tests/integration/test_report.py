@@ -90,14 +90,7 @@ async def seed(conn: asyncpg.Connection) -> None:
 
 @pytest.fixture(scope="module")
 def report_dsn(devenv: DevEnv) -> Iterator[str]:
-    with scratch_database(devenv, "report") as dsn:
-        async def prepare() -> None:
-            conn = await asyncpg.connect(dsn)
-            try:
-                await seed(conn)
-            finally:
-                await conn.close()
-        asyncio.run(prepare())
+    with scratch_database(devenv, "report", seed) as dsn:
         yield dsn
 
 

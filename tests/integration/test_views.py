@@ -117,14 +117,7 @@ async def rolled_back(dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture(scope="module")
 def views_dsn(devenv: DevEnv) -> Iterator[str]:
-    with scratch_database(devenv, "views") as dsn:
-        async def prepare() -> None:
-            conn = await asyncpg.connect(dsn)
-            try:
-                await seed(conn)
-            finally:
-                await conn.close()
-        asyncio.run(prepare())
+    with scratch_database(devenv, "views", seed) as dsn:
         yield dsn
 
 
