@@ -34,6 +34,7 @@ from pbx_bridge.notes import (
     ProbeCallError,
     UnknownCallError,
     VersionConflictError,
+    json_ready,
     read_sheet,
     save_sheet,
 )
@@ -276,8 +277,7 @@ async def get_note(request: web.Request) -> web.Response:
         return error(404, "no such call")
     finally:
         await conn.close()
-    current = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in sheet.items()} if sheet else None
-    response = _json({"linkedid": linkedid, "note": current, "history": history})
+    response = _json({"linkedid": linkedid, "note": json_ready(sheet) if sheet else None, "history": history})
     if sheet is not None:
         response.headers["ETag"] = f'"{sheet["version"]}"'
     return response
@@ -381,7 +381,7 @@ def openapi_document() -> dict[str, Any]:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    return _json(openapi_document())
 
 
 def create_app(context: ApiContext) -> web.Application:

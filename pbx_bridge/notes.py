@@ -85,7 +85,12 @@ class SavedSheet:
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready form (timestamps as ISO 8601)."""
-        return {key: value.isoformat() if isinstance(value, datetime) else value for key, value in self.row.items()}
+        return json_ready(self.row)
+
+
+def json_ready(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored sheet with its timestamps as ISO 8601 strings."""
+    return {key: value.isoformat() if isinstance(value, datetime) else value for key, value in row.items()}
 
 
 _SELECT_SHEET = """SELECT linkedid, caller_name, contact, category, summary, resolution, owner, status, version,
