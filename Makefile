@@ -1,7 +1,8 @@
 # pbx-bridge: the two commands a newcomer needs are `make run` and `make test`.
-# Both set up everything on a fresh machine: a virtualenv, a private PostgreSQL cluster
-# under .state/, the real-PBX sandbox (two Asterisk 22 instances in a Debian chroot; needs
-# root), and the database migrations.
+# Both set up everything on a fresh machine: a virtualenv, a private PostgreSQL cluster,
+# the real-PBX sandbox (two Asterisk 22 instances in a Debian chroot; needs root), and the
+# database migrations. State lives in .state/, except what the postgres user must reach:
+# /var/lib/pbx-bridge-dev/<key of this checkout's .state path> (see scripts/devenv.py).
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-## env: PostgreSQL + database + migrations + sandbox PBX, all under .state/
+## env: PostgreSQL + database + migrations + sandbox PBX
 env: $(STAMP)
 	$(BIN)/python scripts/devenv.py up
 
@@ -51,5 +52,7 @@ bench: $(STAMP)
 fixtures: env
 	$(BIN)/python tests/support/capture.py tests/fixtures/ami
 
-clean: down
+## clean: stop everything and delete all state (.state/, the cluster under /var/lib/pbx-bridge-dev, the venv)
+clean:
+	-$(PYTHON) scripts/devenv.py clean
 	rm -rf .state $(VENV)

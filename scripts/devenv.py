@@ -4,16 +4,26 @@
   scripts/devenv.py up     PostgreSQL cluster + database, config, migrations, sandbox PBX
   scripts/devenv.py down   stop the sandbox and PostgreSQL
   scripts/devenv.py config print the path of the generated pbx-bridge config
+  scripts/devenv.py clean  stop everything and delete all state, inside the checkout and out
 
-Everything lives under .state/ (override with PBX_BRIDGE_STATE); nothing outside the repo
-except the cached Debian root filesystem of the sandbox. Standard library only.
+Where state lives (one rule): what root alone uses (config, secrets, spool, the sandbox's pid
+files and logs) lives under .state/ in the checkout (override with PBX_BRIDGE_STATE). What a
+server running as another user must reach (PostgreSQL runs as "postgres") lives outside the
+checkout, under /var/lib/pbx-bridge-dev/<key of the state directory's path> (override with
+PBX_BRIDGE_SERVER_STATE), because the checkout may sit under a 0700 directory such as /root;
+.state/pg is a symbolic link to it. The cached Debian root filesystem of the sandbox is in
+/var/cache/pbx-bridge. Standard library only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import secrets
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("PBX_BRIDGE_STATE", REPO / ".state")).resolve()
 PG_PORT = os.environ.get("PBX_BRIDGE_PG_PORT", "15432")
 DB_NAME = "pbx_bridge"
+SERVER_STATE = Path(os.environ.get(
+    "PBX_BRIDGE_SERVER_STATE",
+    Path("/var/lib/pbx-bridge-dev") / hashlib.sha256(str(STATE).encode()).hexdigest()[:12])).resolve()
+PG_DIR = SERVER_STATE / "pg"
 SANDBOX = [sys.executable, str(REPO / "docker" / "asterisk" / "sandbox.py")]
-VENV_BIN = REPO / ".venv" / "bin"
+# The virtualenv whose Python runs this script (make uses .venv's), else the checkout's own.
+VENV_BIN = Path(sys.executable).parent if (Path(sys.executable).parent / "pbx-bridge").exists() \
+    else REPO / ".venv" / "bin"
 
 
 def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -94,9 +110,55 @@ token_file = "{token_file}"
     return config
 
 
+class LocationError(Exception):
+    """A place the environment needs cannot work; the message is one line for the user."""
+
+
+def blocking_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of path that other users cannot enter (no o+x), if any."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            return parent
+    return None
+
+
+def check_locations() -> None:
+    """Refuse, in one line and before any work, a setup that cannot work."""
+    if os.geteuid() != 0:
+        raise LocationError("needs root: the PBX sandbox uses debootstrap and chroot, and PostgreSQL "
+                            "is started as the postgres user (run as root or with sudo)")
+    blocker = blocking_ancestor(SERVER_STATE)
+    if blocker is not None:
+        raise LocationError(f"the PostgreSQL data directory {PG_DIR} is unreachable for the postgres user: "
+                            f"{blocker} (mode {stat.S_IMODE(blocker.stat().st_mode):04o}) lets no other user "
+                            "in; set PBX_BRIDGE_SERVER_STATE to a directory under /var/lib")
+    for place in (STATE, SERVER_STATE):
+        existing = next(p for p in [place, *place.parents] if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise LocationError(f"cannot write state under {existing}")
+
+
+def link_pg_dir() -> None:
+    """.state/pg points at the cluster outside the checkout, so people (and tests) find it."""
+    PG_DIR.mkdir(parents=True, exist_ok=True)
+    SERVER_STATE.chmod(0o755)
+    SERVER_STATE.parent.chmod(0o755)
+    link = STATE / "pg"
+    if link.is_symlink() and link.resolve() == PG_DIR:
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():  # a cluster from before this layout: stop it, it is replaced
+        subprocess.run([str(REPO / "scripts" / "pg.sh"), "stop", str(link)], check=False)
+        shutil.rmtree(link)
+    link.symlink_to(PG_DIR, target_is_directory=True)
+
+
 def up() -> None:
+    check_locations()
     STATE.mkdir(parents=True, exist_ok=True)
-    run([str(REPO / "scripts" / "pg.sh"), "start", str(STATE / "pg"), PG_PORT])
+    link_pg_dir()
+    run([str(REPO / "scripts" / "pg.sh"), "start", str(PG_DIR), PG_PORT])
     exists = run(["psql", "-h", "127.0.0.1", "-p", PG_PORT, "-U", "postgres", "-tAc",
                   f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'"], capture_output=True).stdout
     if exists.strip() != "1":
@@ -120,7 +182,19 @@ def up() -> None:
 
 def down() -> None:
     subprocess.run([*SANDBOX, "stop", "--state", str(STATE / "sandbox")], check=False)
-    subprocess.run([str(REPO / "scripts" / "pg.sh"), "stop", str(STATE / "pg")], check=False)
+    subprocess.run([str(REPO / "scripts" / "pg.sh"), "stop", str(PG_DIR)], check=False)
+
+
+def clean() -> None:
+    """Stop everything, then delete the state in the checkout and outside it."""
+    down()
+    subprocess.run([*SANDBOX, "clean", "--state", str(STATE / "sandbox")], check=False)
+    for place in (SERVER_STATE, STATE):
+        if place.is_dir():
+            shutil.rmtree(place)
+            print(f"devenv: removed {place}")
+    with contextlib.suppress(OSError):
+        SERVER_STATE.parent.rmdir()  # only when no other checkout keeps state there
 
 
 def main() -> None:
@@ -128,11 +202,16 @@ def main() -> None:
     if command == "up":
         try:
             up()
+        except LocationError as exc:
+            print(f"devenv: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
         except subprocess.CalledProcessError as exc:
             print(f"devenv: {' '.join(map(str, exc.cmd))} failed (exit {exc.returncode})", file=sys.stderr)
             raise SystemExit(1) from None
     elif command == "down":
         down()
+    elif command == "clean":
+        clean()
     elif command == "config":
         print(STATE / "pbx-bridge.toml")
     else:

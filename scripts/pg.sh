@@ -35,6 +35,10 @@ case "$cmd" in
   start)
     mkdir -p "$dir"
     [ "$(id -u)" = 0 ] && chown "$owner" "$dir"
+    if ! as_owner test -w "$dir" 2>/dev/null; then
+      echo "pg.sh: the $owner user cannot reach $dir (a parent directory lets no other user in); use a directory under /var/tmp or /var/lib" >&2
+      exit 1
+    fi
     if [ ! -f "$dir/data/PG_VERSION" ]; then
       as_owner "$bindir/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-locale >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; exit 1; }

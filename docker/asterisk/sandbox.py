@@ -9,6 +9,7 @@ Commands (run as root):
   build                 build (or reuse) the cached Debian unstable root filesystem
   start --state DIR     render both instances' configuration, start them, wait for boot
   stop --state DIR      stop both instances
+  clean --state DIR     stop both instances and delete their files inside the root filesystem
   env --state DIR       print the sandbox settings (ports, AMI users, secrets) as JSON
   cli --state DIR NAME COMMAND   run an Asterisk CLI command on one instance
 
@@ -37,7 +38,7 @@ REPO = HERE.parent.parent
 SUITE = "sid"
 PACKAGES = ("asterisk", "asterisk-modules", "asterisk-config")
 CACHE_ROOT = Path(os.environ.get("PBX_SANDBOX_CACHE", "/var/cache/pbx-bridge"))
-INSTANCE_ROOT = "/srv/pbx-bridge-sandbox"  # inside the chroot
+INSTANCES_DIR = "/srv/pbx-bridge-sandbox"  # inside the chroot; one folder per state directory
 INSTANCES = ("pbx", "world")
 
 DEFAULTS: dict[str, object] = {
@@ -135,6 +136,11 @@ def load_settings(state: Path) -> dict[str, object]:
     return settings
 
 
+def instance_root(state: Path) -> str:
+    """Where this state directory's instances live inside the chroot (several checkouts can share it)."""
+    return f"{INSTANCES_DIR}/{hashlib.sha256(str(state).encode()).hexdigest()[:12]}"
+
+
 def render(template: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         template = template.replace(f"@{key}@", value)
@@ -144,7 +150,7 @@ def render(template: str, values: dict[str, str]) -> str:
     return template
 
 
-def substitutions(name: str, s: dict[str, object], pg: dict[str, str]) -> dict[str, str]:
+def substitutions(name: str, s: dict[str, object], pg: dict[str, str], root: str) -> dict[str, str]:
     port = int(str(s["sip_port"]))
     rtp = s["pbx_rtp"] if name == "pbx" else s["world_rtp"]
     assert isinstance(rtp, list)
@@ -152,7 +158,7 @@ def substitutions(name: str, s: dict[str, object], pg: dict[str, str]) -> dict[s
     assert isinstance(numbers, list)
     return {
         "NAME": name,
-        "DIR": f"{INSTANCE_ROOT}/{name}",
+        "DIR": f"{root}/{name}",
         "RTP_START": str(rtp[0]),
         "RTP_END": str(rtp[1]),
         "PBX_IP": str(s["pbx_ip"]),
@@ -178,7 +184,7 @@ def substitutions(name: str, s: dict[str, object], pg: dict[str, str]) -> dict[s
 
 def install_config(root: Path, name: str, values: dict[str, str], extra: Path | None = None) -> Path:
     """Write one instance's configuration directory inside the chroot."""
-    base = root / INSTANCE_ROOT.lstrip("/") / name
+    base = root / values["DIR"].lstrip("/")
     etc = base / "etc"
     shutil.rmtree(etc, ignore_errors=True)
     for sub in ("etc", "db", "log", "run", "spool", "cache"):
@@ -225,8 +231,8 @@ def alive(pid: int) -> bool:
     return True
 
 
-def cli(root: Path, name: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    conf = f"{INSTANCE_ROOT}/{name}/etc/asterisk.conf"
+def cli(root: Path, state: Path, name: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    conf = f"{instance_root(state)}/{name}/etc/asterisk.conf"
     return subprocess.run(["chroot", str(root), "asterisk", "-C", conf, "-rx", command],
                           capture_output=True, text=True, timeout=timeout)
 
@@ -238,7 +244,7 @@ def stop_instance(root: Path, state: Path, name: str) -> None:
     pid = int(path.read_text().strip() or 0)
     if pid and alive(pid):
         with contextlib.suppress(subprocess.TimeoutExpired):
-            cli(root, name, "core stop now", timeout=10)
+            cli(root, state, name, "core stop now", timeout=10)
         deadline = time.monotonic() + 10
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -276,11 +282,11 @@ def start(state: Path, pg: dict[str, str], extra: Path | None = None) -> None:
     check_ports_free(settings)
     isolate_name_service(root)
     for name in INSTANCES:
-        base = install_config(root, name, substitutions(name, settings, pg), extra)
+        base = install_config(root, name, substitutions(name, settings, pg, instance_root(state)), extra)
         log = (state / f"{name}.console.log").open("ab")
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PGCLIENTENCODING": "UTF8", "TZ": "UTC"}
         process = subprocess.Popen(
-            ["chroot", str(root), "asterisk", "-C", f"{INSTANCE_ROOT}/{name}/etc/asterisk.conf", "-f", "-n"],
+            ["chroot", str(root), "asterisk", "-C", f"{instance_root(state)}/{name}/etc/asterisk.conf", "-f", "-n"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         pidfile(state, name).write_text(f"{process.pid}\n")
         say(f"started {name} (pid {process.pid}); logs: {state}/{name}.console.log, {base}/log/")
@@ -288,7 +294,7 @@ def start(state: Path, pg: dict[str, str], extra: Path | None = None) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                result = cli(root, name, "core waitfullybooted", timeout=30)
+                result = cli(root, state, name, "core waitfullybooted", timeout=30)
                 if result.returncode == 0:
                     break
             except subprocess.TimeoutExpired:
@@ -303,7 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build")
-    for command in ("start", "stop", "env", "cli"):
+    for command in ("start", "stop", "clean", "env", "cli"):
         p = sub.add_parser(command)
         p.add_argument("--state", type=Path, required=True, help="state directory (pid files, secrets, logs)")
         if command == "start":
@@ -323,16 +329,19 @@ def main() -> None:
         pg = {"host": args.pg_host, "port": args.pg_port, "db": args.pg_db,
               "user": args.pg_user, "password": args.pg_password}
         start(args.state.resolve(), pg, args.extra.resolve() if args.extra else None)
-    elif args.command == "stop":
+    elif args.command in ("stop", "clean"):
         require_root()
+        state = args.state.resolve()
         for name in INSTANCES:
-            stop_instance(rootfs_path(), args.state.resolve(), name)
+            stop_instance(rootfs_path(), state, name)
+        if args.command == "clean":
+            shutil.rmtree(rootfs_path() / instance_root(state).lstrip("/"), ignore_errors=True)
     elif args.command == "env":
         settings = load_settings(args.state.resolve())
         settings["rootfs"] = str(rootfs_path())
         print(json.dumps(settings, indent=2))
     elif args.command == "cli":
-        result = cli(rootfs_path(), args.instance, args.cli_command)
+        result = cli(rootfs_path(), args.state.resolve(), args.instance, args.cli_command)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
         raise SystemExit(result.returncode)
