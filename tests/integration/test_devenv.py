@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 # A second sandbox beside the suite's own: other loopback addresses, ports and RTP ranges.
 OTHER_PBX_AMI, OTHER_WORLD_AMI = 15058, 15059
-OTHER_SANDBOX: dict[str, object] = {"pbx_ip": "127.0.12.1", "world_carrier_ip": "127.0.12.2", "world_phones_ip": "127.0.12.3",
+OTHER_SANDBOX: dict[str, object] = {
+                 "pbx_ip": "127.0.12.1", "world_carrier_ip": "127.0.12.2", "world_phones_ip": "127.0.12.3",
                  "pbx_ami_port": OTHER_PBX_AMI, "world_ami_port": OTHER_WORLD_AMI,
                  "pbx_rtp": [32000, 32199], "world_rtp": [32200, 32399]}
 OTHER_PG_PORT = "15452"
