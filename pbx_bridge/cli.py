@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from datetime import date, datetime, timedelta
@@ -92,10 +93,10 @@ async def _probe(settings: Settings) -> int:
     """POST /probes to the running daemon, poll until it finishes, print each attempt."""
     import aiohttp
 
-    token = settings.api.resolved_token()
+    token = settings.api.resolved_token("ops")
     if token is None:
-        print("pbx-bridge probe: no [api] token is configured, so the daemon refuses probe requests",
-              file=sys.stderr)
+        print("pbx-bridge probe: no [api] token with the role ops is configured, so the daemon refuses "
+              "probe requests", file=sys.stderr)
         return EXIT_CONFIG
     host, port = settings.api.host_port
     base = f"http://{host}:{port}"
@@ -134,7 +135,11 @@ def _dialplan(settings: Settings, output: str | None, source: str) -> None:
         return
     target = Path(output)
     partial = target.with_name(target.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
+    partial.unlink(missing_ok=True)
+    # 0640: the file holds the dialplan's event key; give it Asterisk's group (chgrp) when installing.
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
     partial.replace(target)  # Asterisk never reads a half-written file
     print(f"wrote {target}")
 

@@ -25,10 +25,11 @@ import structlog
 
 from pbx_bridge.aio import wait_set, within
 from pbx_bridge.alerts import Alerter
-from pbx_bridge.ami.client import AmiClient, AmiError
+from pbx_bridge.ami.client import AmiClient, AmiError, set_global
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.tracker import ProbeArrived
 
+PROBE_NONCE_GLOBAL = "PROBE_NONCE"  # read by the dialplan's [hotline] probe check
 log = structlog.get_logger("pbx_bridge.probes")
 
 CHANNEL_PREFIX = "pbx-bridge-probe-"  # the guard leaves channels with this Uniqueid alone
@@ -188,16 +189,23 @@ class ProbeRunner:
         self._pending[nonce] = arrival
         target = self._target
         started, t0 = datetime.now(UTC), time.monotonic()
-        originate = asyncio.create_task(self._ami.send_action({
-            "Action": "Originate", "Channel": f"PJSIP/{target.number}@{target.trunk}",
-            "ChannelId": CHANNEL_PREFIX + nonce, "CallerID": f'"{nonce}" <{target.caller_id}>',
-            "Application": "Wait", "Data": str(int(target.timeout)), "Timeout": str(int(target.timeout * 1000)),
-            "Async": "true"}, response_timeout=target.timeout + 5), name=f"probe-originate-{nonce}")
 
         def done(outcome: Outcome, reason: str | None = None, came: ProbeArrived | None = None) -> Attempt:
             delay = round((came.at - started).total_seconds() * 1000) if came is not None else None
             return Attempt(number, started, datetime.now(UTC), outcome, delay, reason,
                            came.linkedid if came is not None else None)
+
+        try:
+            # The dialplan treats the returning call as a probe only with this one-time nonce.
+            await set_global(self._ami, PROBE_NONCE_GLOBAL, nonce)
+        except AmiError as exc:
+            self._pending.pop(nonce, None)
+            return done(Outcome.DIAL_FAILED, f"probe nonce not published: {exc}")
+        originate = asyncio.create_task(self._ami.send_action({
+            "Action": "Originate", "Channel": f"PJSIP/{target.number}@{target.trunk}",
+            "ChannelId": CHANNEL_PREFIX + nonce, "CallerID": f'"{nonce}" <{target.caller_id}>',
+            "Application": "Wait", "Data": str(int(target.timeout)), "Timeout": str(int(target.timeout * 1000)),
+            "Async": "true"}, response_timeout=target.timeout + 5), name=f"probe-originate-{nonce}")
 
         try:
             finished, _ = await asyncio.wait({arrival, originate}, timeout=target.timeout,

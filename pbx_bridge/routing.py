@@ -1,9 +1,12 @@
-"""The routing state the dialplan reads from AstDB (family `pbx-bridge`): open or closed now,
-the duty mobile and who holds it, and a heartbeat so the dialplan can tell when it is stale.
+"""The routing state the dialplan reads: open or closed now, the duty mobile and who holds it,
+and a heartbeat so the dialplan can tell when it is stale.
 
-pbx-bridge publishes it at start, after every AMI login, at every open/closed boundary, and
-every `state_refresh_seconds`. If pbx-bridge stops, the heartbeat ages and the dialplan falls
-back to the static schedule generated from the same configuration (`pbx-bridge dialplan`).
+pbx-bridge publishes it as dialplan globals (AMI Setvar, which needs only the `call` class;
+AstDB's DBPut would need `system`, which also lets Originate run shell commands) at start,
+after every AMI login, at every open/closed boundary, and every `state_refresh_seconds`. If
+pbx-bridge stops, the heartbeat ages and the dialplan falls back to the static schedule
+generated from the same configuration (`pbx-bridge dialplan`); after an Asterisk restart the
+globals are unset, which the dialplan treats the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import asyncpg
 import structlog
 
 from pbx_bridge.aio import wait_set, within
-from pbx_bridge.ami.client import AmiClient, AmiError
+from pbx_bridge.ami.client import AmiClient, AmiError, set_global
 from pbx_bridge.config import DutySettings
 from pbx_bridge.dialplan import b64
 from pbx_bridge.metrics import Metrics
@@ -27,7 +30,8 @@ from pbx_bridge.schedule import Override, Schedule, parse_hours
 
 log = structlog.get_logger("pbx_bridge.routing")
 
-ASTDB_FAMILY = "pbx-bridge"
+STATE_GLOBALS = {"open": "HOTLINE_STATE_OPEN", "mobile": "HOTLINE_STATE_MOBILE",
+                 "holder_b64": "HOTLINE_STATE_HOLDER_B64", "updated": "HOTLINE_STATE_UPDATED"}
 FAKE_NOW_ENV = "PBX_BRIDGE_FAKE_NOW"
 
 
@@ -73,6 +77,11 @@ def routing_state(schedule: Schedule, now: datetime, duty: DutySettings,
                   rostered: tuple[str, str] | None) -> RoutingState:
     """Open or closed at `now`, and the duty mobile: the roster's, else the configured one."""
     holder, mobile = rostered if rostered is not None else (duty.holder, duty.mobile)
+    if mobile is not None and not duty.mobile_allowed(mobile):
+        # The roster table is also written outside the API: a bad number is never published.
+        log.error("duty_mobile_invalid", mobile=repr(mobile), pattern=duty.mobile_pattern,
+                  fallback=duty.mobile, holder=holder)
+        holder, mobile = duty.holder, duty.mobile
     day = schedule.day(now.astimezone(schedule.zone).date())
     return RoutingState(open=schedule.is_open(now), mobile=mobile, holder=holder or "", reason=day.reason)
 
@@ -154,12 +163,10 @@ class RoutingPublisher:
         self._effective = self._schedule.with_overrides(overrides)
         state = routing_state(self._effective, now, self._duty, rostered)
         self._warn_if_calendar_missing(now)
+        # The heartbeat last: the dialplan trusts the other values only once it is fresh.
         for key, value in (("open", "1" if state.open else "0"), ("mobile", state.mobile or ""),
                            ("holder_b64", b64(state.holder)), ("updated", str(int(time.time())))):
-            response = await self._ami.send_action(
-                {"Action": "DBPut", "Family": ASTDB_FAMILY, "Key": key, "Val": value})
-            if response.get("Response") != "Success":
-                raise AmiError(f"DBPut {key} refused: {response.get('Message')}")
+            await set_global(self._ami, STATE_GLOBALS[key], value)
         if state != self.current:
             log.info("routing_state_published", open=state.open, mobile=state.mobile, holder=state.holder,
                      reason=state.reason, business_time=now.astimezone(self._schedule.zone).isoformat())

@@ -150,6 +150,12 @@ def render(template: str, values: dict[str, str]) -> str:
     return template
 
 
+def refuse_placeholder_secrets(name: str, text: str) -> None:
+    """A configuration copied from site.example must not keep its CHANGE_ME passwords."""
+    if "CHANGE_ME" in text:
+        fail(f"{name} still holds a CHANGE_ME placeholder password: set a real secret")
+
+
 def substitutions(name: str, s: dict[str, object], pg: dict[str, str], root: str) -> dict[str, str]:
     port = int(str(s["sip_port"]))
     rtp = s["pbx_rtp"] if name == "pbx" else s["world_rtp"]
@@ -201,6 +207,7 @@ def install_config(root: Path, name: str, values: dict[str, str], extra: Path | 
             text = path.read_text()
             if path.name.endswith(".in"):
                 text = render(text, values)
+            refuse_placeholder_secrets(path.name, text)
             target.write_text(text)
             target.chmod(0o600)
     return base
@@ -316,7 +323,8 @@ def main() -> None:
             p.add_argument("--pg-host", default="127.0.0.1")
             p.add_argument("--pg-port", default="5432")
             p.add_argument("--pg-db", default="pbx_bridge")
-            p.add_argument("--pg-user", default="postgres")
+            # scripts/devenv.py creates this login in the INSERT-only role pbx_cel_writer
+            p.add_argument("--pg-user", default="pbx_cel_app")
             p.add_argument("--pg-password", default="")
             p.add_argument("--extra", type=Path, help="more configuration files for pbx (generated ones)")
         if command == "cli":

@@ -119,8 +119,7 @@ async def test_pbx_bridge_down_static_fallback(devenv: DevEnv, asterisk_time: st
     async with connect_pbx_admin(devenv) as pbx:
         await pbx.delete_routing_state()
         if state == "stale":
-            await pbx.put("pbx-bridge", "open", "1")
-            await pbx.put("pbx-bridge", "updated", str(int(time.time()) - 3600))
+            await pbx.set_routing_state(open="1", updated=str(int(time.time()) - 3600))
         await pbx.set_global("HOTLINE_TEST_TIME", asterisk_time)
         try:
             await call_with_agents_and_mobile_answering(devenv, number)

@@ -18,11 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pbx_bridge.dialplan import b64
+from pbx_bridge.dialplan import b64, event_key
 from tests.support.env import DevEnv, load_devenv
+from tests.support.sip import SHORT_INJECTION_USER, SipPeer
 from tests.support.world import BUSY, IGNORE, World, answer, connect_pbx_admin, connect_world
 
 HOTLINE = "4008001234"
+# Captures carry the dialplan's event key; it is replaced by this placeholder (same length)
+# so no sandbox secret lands in the repository. Unit tests use it as the key.
+FIXTURE_EVENT_KEY = "fixture0" * 4
 
 Scenario = Callable[[World, DevEnv], Awaitable[None]]
 
@@ -93,7 +97,17 @@ async def outbound_leaked(world: World, env: DevEnv) -> None:
     await world.dial_out("leaky", "13800138001")
 
 
+async def attack_callerid_injection(world: World, env: DevEnv) -> None:
+    """From the carrier's own address, a caller number holding CR/LF that forges a UserEvent."""
+    def invite() -> None:
+        with SipPeer(str(env.sandbox["world_carrier_ip"]), (str(env.sandbox["pbx_ip"]), 5060)) as peer:
+            peer.request("INVITE", HOTLINE, SHORT_INJECTION_USER, wait=3)
+
+    await asyncio.to_thread(invite)
+
+
 SCENARIOS: dict[str, tuple[Scenario, float]] = {
+    "attack_callerid_injection": (attack_callerid_injection, 2),
     "answered_7s_talk_4s": (answered_7s_talk_4s, 14),
     "answered_17s": (answered_17s, 22),
     "abandoned_6s": (abandoned_6s, 9),
@@ -113,7 +127,7 @@ async def set_routing_state(env: DevEnv, open_: bool) -> None:
     async with connect_pbx_admin(env) as pbx:
         for key, value in (("open", "1" if open_ else "0"), ("mobile", env.duty_mobile),
                            ("holder_b64", b64(env.duty_holder)), ("updated", str(int(time.time()) + 600))):
-            await pbx.put("pbx-bridge", key, value)
+            await pbx.set_routing_state(**{key: value})
 
 
 async def capture(env: DevEnv, name: str, out: Path) -> None:
@@ -140,7 +154,8 @@ async def capture(env: DevEnv, name: str, out: Path) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await recorder
     writer.close()
-    stream = b"".join(chunks)
+    key = event_key(str(env.sandbox["pbx_ami_secret"])).encode()
+    stream = b"".join(chunks).replace(key, FIXTURE_EVENT_KEY.encode())
     (out / f"{name}.ami").write_bytes(stream)
     print(f"captured {name}: {len(stream)} bytes, {stream.count(b'Event: ')} events")
 

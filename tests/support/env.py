@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("PBX_BRIDGE_STATE", REPO / ".state")).resolve()
@@ -51,3 +53,19 @@ def load_devenv() -> DevEnv:
     port = os.environ.get("PBX_BRIDGE_PG_PORT", "15432")
     return DevEnv(sandbox=json.loads(sandbox_json.read_text()), config_path=config,
                   dsn=f"postgresql://postgres@127.0.0.1:{port}/pbx_bridge")
+
+
+def sandbox_module() -> ModuleType:
+    """docker/asterisk/sandbox.py (a script, not a package), imported for its path helpers."""
+    spec = importlib.util.spec_from_file_location("pbx_sandbox", REPO / "docker" / "asterisk" / "sandbox.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pbx_log_dir() -> Path:
+    """The pbx instance's Asterisk log folder, inside the sandbox's root filesystem."""
+    sandbox = sandbox_module()
+    root = Path(sandbox.rootfs_path())
+    return root / str(sandbox.instance_root(STATE / "sandbox")).lstrip("/") / "pbx" / "log"

@@ -8,7 +8,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from pbx_bridge.config import ConfigError, HoursSettings, OverrideSettings, load_settings
+from pbx_bridge.config import ConfigError, DutySettings, HoursSettings, OverrideSettings, load_settings
+from pbx_bridge.routing import routing_state
 from pbx_bridge.schedule import ChinaCalendar, Interval, NoHolidays, Override, parse_hours
 
 SH = ZoneInfo("Asia/Shanghai")
@@ -115,3 +116,14 @@ def test_interval_text_round_trips() -> None:
     assert str(Interval.parse("13:00-17:30")) == "13:00-17:30"
     assert str(Interval.parse("00:00-24:00")) == "00:00-24:00"
     assert Interval.parse("09:00-12:00").start == time(9)
+
+
+@pytest.mark.parametrize("bad", ["13800138000\n", "1380013800", "+8613800138000", "13800138000;1",
+                                 "１３８００１３８０００"])
+def test_a_roster_mobile_that_does_not_match_the_pattern_is_never_published(bad: str) -> None:
+    """The roster table can be written outside the API: the mobile is checked again at publish time."""
+    duty = DutySettings(mobile="13900139000", holder="值班员小王")
+    state = routing_state(SCHEDULE, at("2026-11-24 20:00:00"), duty, ("坏人", bad))
+    assert (state.mobile, state.holder) == ("13900139000", "值班员小王")
+    good = routing_state(SCHEDULE, at("2026-11-24 20:00:00"), duty, ("小李", "13700137000"))
+    assert (good.mobile, good.holder) == ("13700137000", "小李")
