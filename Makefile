@@ -9,7 +9,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test env down lint unit bench fixtures clean
+.PHONY: run test env down lint unit bench fuzz fixtures clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 required"; exit 1; }
@@ -47,6 +47,12 @@ unit: $(STAMP)
 ## bench: events per second through framing + tracker, as a ratio to framing alone (same run)
 bench: $(STAMP)
 	$(BIN)/python tests/bench/bench_pipeline.py
+
+## fuzz: a million mutated AMI messages through framing + tracker, on both cores (`make unit` runs 50k);
+## a new seed each run, printed; PBX_BRIDGE_FUZZ_SEED=<seed> replays one
+fuzz: $(STAMP)
+	PBX_BRIDGE_FUZZ_MESSAGES=1000000 PBX_BRIDGE_FUZZ_SEED=$${PBX_BRIDGE_FUZZ_SEED:-$$(date +%s)} \
+		$(BIN)/pytest -q -s tests/unit/test_fuzz_ami.py
 
 ## fixtures: re-capture the AMI streams under tests/fixtures/ami from the sandbox
 fixtures: env

@@ -24,6 +24,7 @@ from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.ami.wire import AmiMessage
 from pbx_bridge.api import (
     ApiContext,
+    ApiDatabase,
     Component,
     LiveState,
     component_age,
@@ -32,11 +33,13 @@ from pbx_bridge.api import (
     serve,
 )
 from pbx_bridge.config import Settings
+from pbx_bridge.dialplan import event_key, event_key_id
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.notes import COMPLAINT_OVERDUE, ComplaintWatch
 from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
 from pbx_bridge.report import DailyReportScheduler
 from pbx_bridge.routing import Clock, RoutingPublisher
+from pbx_bridge.security import SecurityReporter
 from pbx_bridge.storage.settings import keep_settings_published
 from pbx_bridge.storage.writer import CallWriter
 from pbx_bridge.tracker import (
@@ -47,6 +50,7 @@ from pbx_bridge.tracker import (
     Decision,
     HangupChannel,
     ProbeArrived,
+    SecurityAlert,
     Tick,
     TrackerSettings,
     TrackerState,
@@ -61,8 +65,8 @@ _STOP: Final = None
 
 
 def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publisher: RoutingPublisher,
-                  connect: Callable[[], Awaitable[asyncpg.Connection]], trunk: TrunkHealth,
-                  reports: DailyReportScheduler) -> dict[str, Component]:
+                  database: ApiDatabase, trunk: TrunkHealth,
+                  reports: DailyReportScheduler, security: SecurityReporter) -> dict[str, Component]:
     """What /healthz reports: AMI and database are critical; the rest informs."""
     async def ami_check() -> tuple[bool, dict[str, Any]]:
         return ami.connected.is_set(), {"sessions": ami.sessions, "reconnects": ami.reconnects}
@@ -71,7 +75,7 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
         since = writer.oldest_pending_since
         lag = None if since is None else round(time.monotonic() - since, 1)
         return lag is None or lag < 30, {"pending": writer.pending, "lag_seconds": lag,
-                                         "spool": str(settings.database.spool_path), "dropped": writer.dropped}
+                                         "spooled": settings.database.spool_path.exists(), "dropped": writer.dropped}
 
     async def calendar_check() -> tuple[bool, dict[str, Any]]:
         today = datetime.now(settings.zone).date()
@@ -82,22 +86,40 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
         return trunk.reachable is not False, {"endpoint": trunk.endpoint, "qualify": trunk.status,
                                               "rtt_ms": trunk.rtt_ms}
 
+    async def dialplan_key_check() -> tuple[bool, dict[str, Any]]:
+        ok = security.dialplan_key_ok
+        return ok is not False, {"matches": ok, "fix": None if ok is not False else
+                                 "regenerate with `pbx-bridge dialplan` and `dialplan reload`"}
+
     async def report_check() -> tuple[bool, dict[str, Any]]:
         sent = reports.last_sent_day
         return reports.last_error is None, {
             "recipients": len(settings.report.recipients), "daily_at": settings.report.daily_at,
-            "last_sent_day": sent.isoformat() if sent else None, "error": reports.last_error}
+            "last_sent_day": sent.isoformat() if sent else None,
+            "error": "failed (see the log)" if reports.last_error else None}
 
     return {
         "ami": ami_check,
         "trunk": trunk_check,
-        "database": database_component(connect),
+        "database": database_component(database),
         "writer": writer_check,
         "routing_state": component_age("published_seconds_ago", lambda: publisher.published_at,
                                        settings.hotline.state_max_age_seconds),
         "holiday_calendar": calendar_check,
         "daily_report": report_check,
+        "dialplan_key": dialplan_key_check,
     }
+
+
+async def check_dialplan_key(ami: AmiClient, settings: Settings, security: SecurityReporter) -> None:
+    """After a login: does the running dialplan carry our event key? (Compared by fingerprint.)
+    If not, every stage event would be dropped as forged: say so loudly."""
+    expected = event_key_id(event_key(settings.ami.resolved_secret().get_secret_value()))
+    reply = await ami.send_action({"Action": "Getvar", "Variable": "PBX_BRIDGE_EVENT_KEY_ID"})
+    security.dialplan_key_ok = reply.get("Value") == expected
+    if not security.dialplan_key_ok:
+        log.error("dialplan_key_mismatch", effect="the dialplan's UserEvents are dropped as forged",
+                  fix="regenerate extensions_generated.conf with `pbx-bridge dialplan`, then `dialplan reload`")
 
 
 def _probes(settings: Settings, ami: AmiClient, connect: Callable[[], Awaitable[asyncpg.Connection]],
@@ -130,17 +152,16 @@ def tracker_settings(settings: Settings) -> TrackerSettings:
         ring_period_seconds=settings.ring.period_seconds,
         max_rings=settings.ring.max_rings,
         probe_caller=settings.probe.caller_id,
+        event_key=event_key(settings.ami.resolved_secret().get_secret_value()),
     )
 
 
 def _log_decision(decision: Decision) -> None:
-    if isinstance(decision, Violation):
-        log.error("policy_violation", kind=str(decision.kind), linkedid=decision.linkedid,
-                  occurred_at=decision.occurred_at.isoformat(), **dict(decision.details))
-        return
     if isinstance(decision, HangupChannel):
-        log.warning("guard_hangup", channel=decision.channel, reason=decision.reason)
+        log.warning("guard_hangup", channel=decision.channel, reason=decision.reason, linkedid=decision.linkedid)
         return
+    if isinstance(decision, SecurityAlert | Violation):
+        return  # SecurityReporter and record_violation log these
     if isinstance(decision, ProbeArrived):
         log.info("line_probe_arrived", nonce=decision.nonce, linkedid=decision.linkedid)
         return
@@ -168,16 +189,31 @@ async def tick(queue: asyncio.Queue[TrackerInput], stop: asyncio.Event) -> None:
         await wait_set(stop, TICK_SECONDS)
 
 
-async def guard(hangups: asyncio.Queue[HangupChannel | None], ami: AmiClient) -> None:
-    """Carry out the tracker's hangups at once, in order, each result checked and logged."""
+async def guard(hangups: asyncio.Queue[HangupChannel | None], ami: AmiClient, out: Outputs) -> None:
+    """Carry out the tracker's hangups at once, in order, each result checked and logged.
+
+    Each target is first confirmed with Asterisk (the channel exists and belongs to the call the
+    event named), so an event forged through a caller ID cannot get a real call hung up; only
+    then is the violation recorded."""
     while (item := await hangups.get()) is not None:
         try:
+            if item.linkedid:
+                reply = await ami.send_action({"Action": "Getvar", "Channel": item.channel,
+                                               "Variable": "CHANNEL(linkedid)"}, response_timeout=2)
+                if reply.get("Response") != "Success" or reply.get("Value") != item.linkedid:
+                    out.security.report(SecurityAlert(
+                        "guard_target_mismatch", item.channel[:128], "", item.linkedid[:64],
+                        f"no such channel of that call ({str(reply.get('Message') or 'other linkedid')[:80]}): "
+                        "not hung up"))
+                    continue
             response = await ami.send_action({"Action": "Hangup", "Channel": item.channel, "Cause": "21"},
                                              response_timeout=2)
             log.info("guard_hangup_done", channel=item.channel, response=response.get("Response"),
                      message=response.get("Message"))
         except AmiError as exc:
             log.error("guard_hangup_failed", channel=item.channel, error=str(exc))
+        if item.violation is not None:
+            record_violation(item.violation, out)
 
 
 @dataclass(frozen=True)
@@ -191,6 +227,16 @@ class Outputs:
     live: LiveState
     probes: ProbeRunner | None
     trunk: TrunkHealth
+    security: SecurityReporter
+
+
+def record_violation(violation: Violation, out: Outputs) -> None:
+    """Write a rule breach, count it, and alert."""
+    log.error("policy_violation", kind=str(violation.kind), linkedid=violation.linkedid,
+              occurred_at=violation.occurred_at.isoformat(), **dict(violation.details))
+    out.writer.submit(violation)
+    out.metrics.violations.labels(str(violation.kind)).inc()
+    out.alerter.submit(alert_of(violation))
 
 
 def alert_of(violation: Violation) -> dict[str, object]:
@@ -217,18 +263,21 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
             if isinstance(decision, HangupChannel):
                 out.hangups.put_nowait(decision)  # first: the guard must act within 250 ms
         for decision in decisions:
+            if isinstance(decision, Violation):
+                record_violation(decision, out)
+                continue
             _log_decision(decision)
+            if isinstance(decision, SecurityAlert):
+                out.security.report(decision)
+                continue
             if isinstance(decision, ProbeArrived):
                 if out.probes is not None:
                     out.probes.arrived(decision)
                 continue
             if isinstance(decision, CallLost | HangupChannel):
-                continue
+                continue  # a hangup's violation is recorded once Asterisk confirmed its target
             out.writer.submit(decision)
-            if isinstance(decision, Violation):
-                out.metrics.violations.labels(str(decision.kind)).inc()
-                out.alerter.submit(alert_of(decision))
-            elif isinstance(decision, CallEnded) and not decision.record.is_probe:
+            if isinstance(decision, CallEnded) and not decision.record.is_probe:
                 out.metrics.calls.labels(str(decision.record.disposition)).inc()
                 if decision.record.ring_seconds is not None:
                     out.metrics.ring_seconds.observe(decision.record.ring_seconds)
@@ -266,6 +315,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     async def after_login(client: AmiClient) -> None:
         """After every login: publish the routing state, read the trunk's qualify state, and tell
         the tracker which channels exist (events may have been missed while disconnected)."""
+        await check_dialplan_key(client, settings, security)
         if publisher is not None:
             await publisher.publish()
         trunk.read_detail(await client.send_action({"Action": "PJSIPShowEndpoint", "Endpoint": settings.hotline.trunk}))
@@ -274,16 +324,17 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         queue.put_nowait(ChannelSnapshot(uniqueids))
         log.info("channels_snapshot", channels=len(uniqueids))
 
+    metrics = Metrics()
+    alerter = Alerter(settings.alerts.webhook_url, metrics, timeout=settings.alerts.webhook_timeout_seconds,
+                      attempts=settings.alerts.webhook_attempts)
+    security = SecurityReporter(alerter, metrics)
     ami = AmiClient(
         host=settings.ami.host, port=settings.ami.port, username=settings.ami.username,
         secret=settings.ami.resolved_secret().get_secret_value(), on_event=queue.put_nowait,
         connect_timeout=settings.ami.connect_timeout_seconds,
         ping_interval=settings.ami.ping_interval_seconds, ping_timeout=settings.ami.ping_timeout_seconds,
-        reconnect_max=settings.ami.reconnect_max_seconds, on_session=after_login,
+        reconnect_max=settings.ami.reconnect_max_seconds, on_session=after_login, on_suspicion=security.suspicion,
     )
-    metrics = Metrics()
-    alerter = Alerter(settings.alerts.webhook_url, metrics, timeout=settings.alerts.webhook_timeout_seconds,
-                      attempts=settings.alerts.webhook_attempts)
     clock = Clock.from_environment()
     publisher = RoutingPublisher(ami, settings.hours.schedule(settings.zone), settings.duty, clock, connect,
                                  settings.hotline.state_refresh_seconds, metrics)
@@ -302,12 +353,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     complaints = ComplaintWatch(connect, settings.call_sheet.complaint_reply_minutes,
                                 settings.call_sheet.sweep_interval_seconds,
                                 lambda: datetime.now(UTC), complaint_overdue)  # call times are real time
-    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk)
+    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security)
+    api_database = ApiDatabase(dsn)  # the API's own small pool: requests never starve the writer
     api = create_app(ApiContext(
-        metrics=metrics, live=live, connect=connect,
-        health=health_checks(settings, ami, writer, publisher, connect, trunk, reports),
+        metrics=metrics, live=live, database=api_database,
+        health=health_checks(settings, ami, writer, publisher, api_database, trunk, reports, security),
         critical=frozenset({"ami", "database"}),
-        token=(token.get_secret_value() if (token := settings.api.resolved_token()) else None),
+        tokens=settings.api.resolved_tokens(),
         mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes))
     host, port = settings.api.host_port
     if settings.duty.mobile is None:
@@ -321,7 +373,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             tasks.create_task(alerter.run(), name="alerts")
             tasks.create_task(writer.run(), name="writer")
             tasks.create_task(publisher.run(), name="routing")
-            tasks.create_task(guard(hangups, ami), name="guard")
+            tasks.create_task(guard(hangups, ami, outputs), name="guard")
             tasks.create_task(tick(queue, shutting_down), name="ticker")
             tasks.create_task(serve(api, host, port, shutting_down.wait), name="api")
             tasks.create_task(keep_settings_published(connect, settings, shutting_down), name="settings")

@@ -22,6 +22,9 @@ class Metrics:
                               ["result"], registry=self.registry)
         self.probes = Counter("pbx_bridge_probes", "Line probe attempts, by outcome", ["outcome"],
                               registry=self.registry)
+        self.security_alerts = Counter("pbx_bridge_security_alerts",
+                                       "Suspect input dropped or refused (forged AMI events...), by reason",
+                                       ["reason"], registry=self.registry)
         self.calendar_known = Gauge("pbx_bridge_holiday_calendar_known",
                                     "1 if the holiday calendar has data for this year, 0 if only weekly hours apply",
                                     registry=self.registry)

@@ -29,12 +29,20 @@ from panoramisk.ami_protocol import AMIProtocol
 from panoramisk.message import Message
 
 from pbx_bridge.aio import wait_set, within
+from pbx_bridge.ami.integrity import StreamIntegrity, Suspicion
 from pbx_bridge.ami.wire import AmiFramer, AmiMessage, FramingError, format_action
 from pbx_bridge.backoff import Backoff
 
 log = structlog.get_logger("pbx_bridge.ami")
 
 EventHandler = Callable[[AmiMessage], None]
+SuspicionHandler = Callable[[Suspicion], None]
+
+
+def log_suspicion(suspicion: Suspicion) -> None:
+    """The default handler of dropped, suspect AMI messages: a security log line."""
+    log.warning("ami_message_suspect", reason=suspicion.reason, ami_event=suspicion.event,
+                channel=suspicion.channel, uniqueid=suspicion.uniqueid, detail=suspicion.detail)
 SessionHook = Callable[["AmiClient"], Awaitable[None]]
 
 
@@ -45,22 +53,29 @@ class AmiError(Exception):
 class SafeAmiProtocol(AMIProtocol):  # type: ignore[misc]
     """panoramisk's AMIProtocol with byte framing, UTF-8, and contained handler failures."""
 
-    def __init__(self, on_event: EventHandler, on_lost: Callable[[Exception | None], None]) -> None:
+    def __init__(self, on_event: EventHandler, on_lost: Callable[[Exception | None], None],
+                 on_suspicion: SuspicionHandler = log_suspicion) -> None:
         super().__init__()
         self._on_event = on_event
         self._on_lost = on_lost
+        self._on_suspicion = on_suspicion
         self._framer = AmiFramer()
+        self._integrity = StreamIntegrity()
+        self._warned_unnumbered = False
         self.handler_errors = 0
         self.decode_errors = 0
 
     def data_received(self, data: bytes) -> None:
-        try:
-            messages = list(self._framer.feed(data))
-        except FramingError as exc:
-            log.error("ami_framing_error", error=str(exc))
-            self.transport.abort()
-            return
-        for message in messages:
+        messages = self._framer.feed(data)
+        while True:
+            try:
+                message = next(messages, None)
+            except FramingError as exc:  # the messages before it in this read were handed over
+                log.error("ami_framing_error", error=str(exc))
+                self.transport.abort()
+                return
+            if message is None:
+                return
             if message.decode_errors:
                 self.decode_errors += 1
                 log.warning("ami_message_not_utf8", ami_event=message.event)
@@ -82,8 +97,22 @@ class SafeAmiProtocol(AMIProtocol):  # type: ignore[misc]
                 self.responses.pop(action.id, None)
                 if action.action_id:
                     self.responses.pop(action.action_id, None)
-        elif message.event:
-            self._on_event(message)
+            return
+        if "actionid" in message:
+            return  # a late reply to an action that gave up waiting: nothing for the tracker
+        suspicion = self._integrity.check(message)
+        if self._integrity.numbered is False and not self._warned_unnumbered:
+            self._warned_unnumbered = True
+            log.error("ami_events_unnumbered", fix="set debug = on in manager.conf [general]",
+                      effect="events forged through a caller ID can be told only by their shape")
+        for forged in self._integrity.forged_after_the_fact:
+            self._on_suspicion(Suspicion("sequence", "", "", "",
+                                         f"an event numbered {forged} was accepted, then a real event came lower"))
+        self._integrity.forged_after_the_fact.clear()
+        if suspicion is not None:
+            self._on_suspicion(suspicion)  # dropped: a forged or split event is never applied
+            return
+        self._on_event(message)
 
     def send(self, data: Any, as_list: bool | None = None) -> asyncio.Future[Any]:
         action = data if isinstance(data, Action) else Action(data, as_list=as_list)
@@ -116,7 +145,8 @@ class AmiClient:
 
     def __init__(self, *, host: str, port: int, username: str, secret: str, on_event: EventHandler,
                  connect_timeout: float = 5.0, ping_interval: float = 10.0, ping_timeout: float = 5.0,
-                 reconnect_max: float = 30.0, on_session: SessionHook | None = None) -> None:
+                 reconnect_max: float = 30.0, on_session: SessionHook | None = None,
+                 on_suspicion: SuspicionHandler = log_suspicion) -> None:
         self._host = host
         self._port = port
         self._username = username
@@ -127,6 +157,7 @@ class AmiClient:
         self._ping_timeout = ping_timeout
         self._reconnect_max = reconnect_max
         self._on_session = on_session
+        self._on_suspicion = on_suspicion
         self._protocol: SafeAmiProtocol | None = None
         self._stopping = asyncio.Event()
         self.connected = asyncio.Event()
@@ -183,7 +214,8 @@ class AmiClient:
                 lost.set_result(exc)
 
         _, protocol = await within(
-            loop.create_connection(lambda: SafeAmiProtocol(self._on_event, on_lost), self._host, self._port),
+            loop.create_connection(lambda: SafeAmiProtocol(self._on_event, on_lost, self._on_suspicion),
+                                  self._host, self._port),
             self._connect_timeout)
         self._protocol = protocol
         try:
@@ -224,3 +256,10 @@ class AmiClient:
                 log.warning("ami_ping_failed", response=reply.get("Response"))
                 protocol.transport.abort()
                 return
+
+
+async def set_global(ami: AmiClient, name: str, value: str) -> None:
+    """Set a dialplan global with AMI Setvar (class `call`); AmiError if Asterisk refuses it."""
+    response = await ami.send_action({"Action": "Setvar", "Variable": name, "Value": value})
+    if response.get("Response") != "Success":
+        raise AmiError(f"Setvar {name} refused: {response.get('Message')}")

@@ -56,6 +56,9 @@ class AmiMessage:
 
     headers: Mapping[str, str]
     decode_errors: bool = False
+    # Header names (lower case) that appeared more than once: the first value is kept. Asterisk
+    # never repeats a header in the events pbx-bridge reads; a repeat means a forged block.
+    duplicates: frozenset[str] = frozenset()
 
     def get(self, name: str, default: str = "") -> str:
         """The value of header `name` (any case), or `default`."""
@@ -77,25 +80,29 @@ class AmiMessage:
             return None
         try:
             return datetime.fromtimestamp(float(raw), tz=UTC)
-        except (ValueError, OverflowError):
+        except (ValueError, OverflowError, OSError):  # OSError: e.g. 1e18 (EOVERFLOW from the C library)
             return None
 
 
 def parse_message(text: str, decode_errors: bool = False) -> AmiMessage:
     """Parse one decoded AMI message (header lines without the final blank line)."""
     headers: dict[str, str] = {}
+    duplicates: set[str] = set()
     for line in text.split("\r\n"):
         name, sep, value = line.partition(":")
         if not sep:
             continue
         value = value.removeprefix(" ")
         key = name.strip().lower()
-        if not key or key in headers:  # repeated headers: keep the first
+        if not key:
+            continue
+        if key in headers:  # repeated headers: keep the first, remember the repeat
+            duplicates.add(key)
             continue
         if key in C_ESCAPED_HEADERS:
             value = unescape_c(value)
         headers[key] = value
-    return AmiMessage(headers=headers, decode_errors=decode_errors)
+    return AmiMessage(headers=headers, decode_errors=decode_errors, duplicates=frozenset(duplicates))
 
 
 class AmiFramer:
@@ -104,28 +111,35 @@ class AmiFramer:
     def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self._buffer = bytearray()
         self._max = max_message_bytes
+        self._scanned = 0  # no terminator starts before this offset: small reads cost O(n), not O(n^2)
         self.banner: str | None = None
 
     def feed(self, data: bytes) -> Iterator[AmiMessage]:
-        """Add bytes; yield every message now complete, in order."""
+        """Add bytes; yield every message now complete, in order.
+
+        FramingError once more than the limit is buffered without a terminator (banner line
+        included): the stream is not AMI, the connection must be dropped.
+        """
         self._buffer += data
         if self.banner is None:
             if len(self._buffer) < len(BANNER_PREFIX) and BANNER_PREFIX.startswith(bytes(self._buffer)):
                 return
             if self._buffer.startswith(BANNER_PREFIX):
-                end = self._buffer.find(b"\r\n")
+                end = self._buffer.find(b"\r\n", self._scanned)
                 if end < 0:
+                    self._incomplete(2)
                     return
                 self.banner = self._buffer[:end].decode("utf-8", "replace")
                 del self._buffer[: end + 2]
+                self._scanned = 0
             else:
                 self.banner = ""
         while True:
-            end = self._buffer.find(MESSAGE_END)
+            end = self._buffer.find(MESSAGE_END, self._scanned)
             if end < 0:
-                if len(self._buffer) > self._max:
-                    raise FramingError(f"AMI message larger than {self._max} bytes")
+                self._incomplete(len(MESSAGE_END))
                 return
+            self._scanned = 0
             chunk = bytes(self._buffer[:end])
             del self._buffer[: end + len(MESSAGE_END)]
             chunk = chunk.lstrip(b"\r\n")
@@ -136,6 +150,12 @@ class AmiFramer:
             except UnicodeDecodeError:
                 text, errors = chunk.decode("utf-8", "replace"), True
             yield parse_message(text, decode_errors=errors)
+
+    def _incomplete(self, terminator: int) -> None:
+        """No terminator in the buffer: refuse it beyond the limit, else scan only new bytes next time."""
+        if len(self._buffer) > self._max:
+            raise FramingError(f"AMI message larger than {self._max} bytes")
+        self._scanned = max(len(self._buffer) - terminator + 1, 0)
 
 
 def parse_stream(data: bytes) -> list[AmiMessage]:

@@ -114,10 +114,25 @@ class Violation:
 
 @dataclass(frozen=True, slots=True)
 class HangupChannel:
-    """Hang this channel up now (the outbound guard)."""
+    """Hang this channel up now (the outbound guard), once Asterisk confirms the channel belongs
+    to `linkedid` (an event forged through a caller ID must not get a real call hung up); then
+    record `violation`."""
 
     channel: str
     reason: str
+    linkedid: str = ""
+    violation: Violation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityAlert:
+    """Something in the AMI stream that only a stranger's bytes explain (a forged event)."""
+
+    reason: str
+    channel: str
+    uniqueid: str
+    linkedid: str
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,4 +159,4 @@ class ChannelSnapshot:
 
 
 RecordWrite = CallStarted | CallEnded | Violation
-Decision = CallStarted | CallEnded | CallLost | Violation | HangupChannel | ProbeArrived
+Decision = CallStarted | CallEnded | CallLost | Violation | HangupChannel | ProbeArrived | SecurityAlert

@@ -8,6 +8,7 @@ DID is a hotline number; every other channel is ignored.
 from __future__ import annotations
 
 import base64
+import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -24,6 +25,7 @@ from pbx_bridge.tracker.model import (
     Disposition,
     HangupChannel,
     ProbeArrived,
+    SecurityAlert,
     Tick,
     Violation,
     ViolationKind,
@@ -36,8 +38,16 @@ CHANNEL_STATE_RINGING = "5"  # outbound channel ringing at the far end
 RINGING_DIAL_STATUSES = frozenset({"RINGING", "PROGRESS"})
 UNANSWERED_DISPOSITIONS = frozenset({Disposition.MISSED, Disposition.FORWARD_MISSED, Disposition.VOICEMAIL})
 FORWARD_MARK_TTL = timedelta(minutes=10)
-KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail", "probe"})
+KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail", "probe", "refused"})
+# The UserEvents our dialplan raises: trusted only with the dialplan's key (TrackerSettings.event_key).
+DIALPLAN_EVENTS = frozenset({"HotlineStage", "HotlineProbe", "OutboundAttempt", "HotlineRefused"})
 ANSWERING_STAGES = frozenset({"group", "escalation", "mobile"})
+# Bounds that hold however hostile the stream (events forged through a caller ID included):
+# far above a real hotline's load, far below exhausting memory.
+MAX_FORWARD_MARKS = 1_000
+MAX_CHANNELS_PER_CALL = 64
+MAX_STAGES_PER_CALL = 16
+MAX_VALUE_CHARS = 512  # of any header value the tracker may keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +61,15 @@ class TrackerSettings:
     # Outbound channels on the trunk whose Uniqueid starts with this were started by pbx-bridge
     # itself (line probes use it as their Originate ChannelId); the guard leaves them alone.
     own_channel_prefix: str = "pbx-bridge-"
-    # The caller number of pbx-bridge's line probes: such calls are probes from their first event.
+    # The caller number of pbx-bridge's line probes (a probe is recognised by its nonce, never
+    # by this number alone: anyone can send it).
     probe_caller: str | None = None
+    # Calls in progress at most: a new one beyond it gives the oldest up as lost, with a security
+    # alert (fake call starts forged into the stream must not fill memory). Far above a real PBX.
+    max_calls: int = 10_000
+    # The key every UserEvent of our dialplan carries (`pbx-bridge dialplan` generates it); one
+    # without it is forged. None only where no dialplan is involved (tests of older captures).
+    event_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +118,7 @@ def endpoint_of(channel: str) -> str:
 
 def _cause(event: AmiMessage) -> tuple[int | None, str | None]:
     raw = event.get("Cause")
-    cause = int(raw) if raw.isdigit() else None
+    cause = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else None  # Q.850: 0-127
     return cause, event.get("Cause-txt") or None
 
 
@@ -119,6 +136,10 @@ def apply(
         return _reconcile_with_snapshot(state, event, settings)
     if isinstance(event, Tick):
         return _tick(state, event.now, settings)
+    event = _bounded(event)
+    if event.event == "UserEvent" and event.get("UserEvent") in DIALPLAN_EVENTS and not _keyed(event, settings):
+        return state, [_security("forged_user_event", event,
+                                 f"UserEvent {event.get('UserEvent')[:40]} without the dialplan's key")]
     when = event.timestamp
     linkedid = event.get("Linkedid")
     if when is None or not linkedid:
@@ -129,10 +150,18 @@ def apply(
     if call is None:
         started = _maybe_start_call(event, when, settings)
         if started is not None:
-            new_state = replace(state, calls={**state.calls, linkedid: started})
-            return new_state, [CallStarted(_record(started, settings))]
+            new_state, lost = _with_call(state, started, settings)
+            return new_state, [*lost, CallStarted(_record(started, settings))]
+        refused = _maybe_refused_call(event, when, settings)
+        if refused is not None:
+            new_state, lost = _with_call(state, refused, settings)
+            return new_state, [*lost, CallStarted(_record(refused, settings)), _refusal_alert(event)]
         if _is_forward_announcement(event):
-            return replace(state, forward_marks={**state.forward_marks, linkedid: when}), []
+            marks = dict(state.forward_marks)
+            while len(marks) >= MAX_FORWARD_MARKS:
+                del marks[next(iter(marks))]  # the oldest
+            marks[linkedid] = when
+            return replace(state, forward_marks=marks), []
         if linkedid in state.forward_marks:
             return state, []
         return state, _guard(event, when, settings)
@@ -140,6 +169,10 @@ def apply(
     updated = _advance(call, event, when)
     if updated is call:
         return state, []
+    if event.event == "DialBegin" and _is_trunk_leg(event, settings) and not _is_announced_forward(updated, event):
+        return replace(state, calls={**state.calls, linkedid: updated}), [_forward_guard(updated, event, when)]
+    if "refused" in updated.stages and "refused" not in call.stages:
+        return replace(state, calls={**state.calls, linkedid: updated}), [_refusal_alert(event)]
     if updated.probe_nonce is not None and call.probe_nonce is None:
         return (replace(state, calls={**state.calls, linkedid: updated}),
                 [ProbeArrived(updated.probe_nonce, when, linkedid)])
@@ -149,12 +182,91 @@ def apply(
         decisions: list[Decision] = [CallEnded(record, tuple(updated.legs.values()))]
         if record.within_ring_limit is False and not updated.ring_limit_reported:
             decisions.append(_ring_limit_violation(updated, record, settings))  # e.g. no tick came in time
-        if record.disposition in UNANSWERED_DISPOSITIONS:
+        if record.disposition in UNANSWERED_DISPOSITIONS and "refused" not in updated.stages:
             decisions.append(Violation(ViolationKind.UNANSWERED, record.ended_at or when, record.linkedid,
                                        (("disposition", str(record.disposition)), ("did", record.did),
                                         ("caller_number", record.caller_number))))
         return replace(state, calls=calls), decisions
     return replace(state, calls={**state.calls, linkedid: updated}), []
+
+
+def _bounded(event: AmiMessage) -> AmiMessage:
+    """`event` with every value cut to MAX_VALUE_CHARS: a stranger's 1 MB caller name (or Uniqueid)
+    must not be kept, per call and leg, for as long as the call lasts."""
+    if all(len(value) <= MAX_VALUE_CHARS for value in event.headers.values()):
+        return event
+    return replace(event, headers={k: v[:MAX_VALUE_CHARS] for k, v in event.headers.items()})
+
+
+def _with_call(state: TrackerState, call: CallState,
+               settings: TrackerSettings) -> tuple[TrackerState, list[Decision]]:
+    """`state` with a new call; at `max_calls` the oldest is given up as lost, with a security
+    alert (fake call starts that never end must not fill memory)."""
+    calls = dict(state.calls)
+    lost: list[Decision] = []
+    while len(calls) >= settings.max_calls:
+        oldest = calls.pop(next(iter(calls)))  # dicts keep start order
+        lost += [CallLost(_record(oldest, settings)),
+                 SecurityAlert("too_many_calls", "", oldest.inbound_uniqueid, oldest.linkedid,
+                               f"more than {settings.max_calls} calls in progress: the oldest is given up")]
+    calls[call.linkedid] = call
+    return replace(state, calls=calls), lost
+
+
+def _keyed(event: AmiMessage, settings: TrackerSettings) -> bool:
+    """Did our dialplan raise this UserEvent (it carries the per-install key)?"""
+    if settings.event_key is None:
+        return True
+    return hmac.compare_digest(event.get("Key").encode(), settings.event_key.encode())
+
+
+def _security(reason: str, event: AmiMessage, detail: str) -> SecurityAlert:
+    return SecurityAlert(reason, event.get("Channel")[:128], event.get("Uniqueid")[:64],
+                         event.get("Linkedid")[:64], detail)
+
+
+def _refusal_alert(event: AmiMessage) -> SecurityAlert:
+    return _security("caller_id_refused", event,
+                     f"the dialplan refused a call whose {event.get('Reason')[:20] or 'number'} held "
+                     "characters no telephone number has (an attempt to forge AMI events)")
+
+
+def _maybe_refused_call(event: AmiMessage, when: datetime, settings: TrackerSettings) -> CallState | None:
+    """A hotline call the dialplan's screen refused (UserEvent HotlineRefused): its Newchannel
+    was split by the stranger's bytes, so the call is taken in from this whole, keyed event."""
+    if event.event != "UserEvent" or event.get("UserEvent") != "HotlineRefused":
+        return None
+    uniqueid = event.get("Uniqueid")
+    channel = event.get("Channel")
+    if (uniqueid != event.get("Linkedid") or not channel.startswith("PJSIP/")
+            or endpoint_of(channel) != settings.trunk or event.get("Did") not in settings.hotline_numbers):
+        return None
+    return CallState(linkedid=uniqueid, inbound_uniqueid=uniqueid, did=event.get("Did"), trunk=settings.trunk,
+                     caller_number=event.get("CallerIDNum"), caller_name=_caller_name(event.get("CallerIDName")),
+                     started_at=when, live_channels=frozenset({uniqueid}), stages=("refused",))
+
+
+def _is_trunk_leg(event: AmiMessage, settings: TrackerSettings) -> bool:
+    dest = event.get("DestChannel")
+    return dest.startswith("PJSIP/") and endpoint_of(dest) == settings.trunk
+
+
+def _is_announced_forward(call: CallState, event: AmiMessage) -> bool:
+    """A trunk leg of a hotline call may dial only the duty mobile the dialplan announced."""
+    number, _, _ = event.get("DialString").partition("@")
+    return call.forwarded_to is not None and number == call.forwarded_to and "mobile" in call.stages
+
+
+def _forward_guard(call: CallState, event: AmiMessage, when: datetime) -> HangupChannel:
+    """Hang up a trunk leg of a hotline call that dials anything but the announced mobile."""
+    channel = event.get("DestChannel")
+    dialled = event.get("DialString").partition("@")[0]
+    return HangupChannel(channel, "trunk leg of a hotline call dialling other than the announced duty mobile",
+                         linkedid=call.linkedid,
+                         violation=Violation(ViolationKind.OUTBOUND_ATTEMPT, when, call.linkedid,
+                                             (("channel", channel), ("digits", dialled[:64]),
+                                              ("announced_mobile", call.forwarded_to or ""),
+                                              ("stopped_by", "forward_guard"))))
 
 
 def _is_forward_announcement(event: AmiMessage) -> bool:
@@ -165,9 +277,9 @@ def _is_forward_announcement(event: AmiMessage) -> bool:
 def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tuple[TrackerState, list[Decision]]:
     """Report, once per call, a ring limit passing while the agents' phones still ring;
     forget old forward marks."""
-    if any(now - at > FORWARD_MARK_TTL for at in state.forward_marks.values()):
+    if any(abs(now - at) > FORWARD_MARK_TTL for at in state.forward_marks.values()):  # abs: future-dated too
         state = replace(state, forward_marks={k: at for k, at in state.forward_marks.items()
-                                              if now - at <= FORWARD_MARK_TTL})
+                                              if abs(now - at) <= FORWARD_MARK_TTL})
     limit = settings.max_rings * settings.ring_period_seconds
     decisions: list[Decision] = []
     changed: dict[str, CallState] = {}
@@ -176,8 +288,8 @@ def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tupl
                 or call.probe_nonce is not None):
             continue
         started = _ring_started_at(call)
-        if started is None or _agents_stopped(call) is not None:
-            continue
+        if started is None or started > now or _agents_stopped(call) is not None:
+            continue  # started > now: the PBX's clock is ahead of ours (rings_heard refuses negative time)
         if rings_heard((now - started).total_seconds(), settings.ring_period_seconds) > settings.max_rings:
             changed[linkedid] = replace(call, ring_limit_reported=True)
             decisions.append(_ring_limit_violation(call, _record(call, settings), settings,
@@ -215,9 +327,10 @@ def _guard(event: AmiMessage, when: datetime, settings: TrackerSettings) -> list
         return []
     if uniqueid.startswith(settings.own_channel_prefix):
         return []
-    return [HangupChannel(channel, "outbound call on the hotline trunk not started by the system"),
-            Violation(ViolationKind.OUTBOUND_ATTEMPT, when, event.get("Linkedid"),
-                      (("channel", channel), ("stopped_by", "guard")))]
+    return [HangupChannel(channel, "outbound call on the hotline trunk not started by the system",
+                          linkedid=event.get("Linkedid"),
+                          violation=Violation(ViolationKind.OUTBOUND_ATTEMPT, when, event.get("Linkedid"),
+                                              (("channel", channel), ("stopped_by", "guard"))))]
 
 
 def _reconcile_with_snapshot(
@@ -273,7 +386,12 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
     uniqueid = event.get("Uniqueid")
     inbound = uniqueid == call.inbound_uniqueid
 
+    if name == "UserEvent" and len(call.stages) >= MAX_STAGES_PER_CALL:
+        return call  # a real call announces a handful of stages
     if name == "Newchannel":
+        if uniqueid not in call.live_channels and max(len(call.live_channels),
+                                                      len(call.legs)) >= MAX_CHANNELS_PER_CALL:
+            return call
         live = call.live_channels | {uniqueid}
         channel = event.get("Channel")
         if inbound or channel.startswith("Local/"):
@@ -292,6 +410,9 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
 
     if name == "UserEvent" and event.get("UserEvent") == "HotlineProbe" and inbound:
         return replace(call, probe_nonce=event.get("Nonce"), stages=(*call.stages, "probe"))
+
+    if name == "UserEvent" and event.get("UserEvent") == "HotlineRefused" and inbound:
+        return call if "refused" in call.stages else replace(call, stages=(*call.stages, "refused"))
 
     if name == "NewCallerid" and inbound:
         return replace(call, caller_number=event.get("CallerIDNum"),
@@ -429,8 +550,11 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
         forwarded_to=call.forwarded_to,
         duty_holder=call.duty_holder,
         needs_call_sheet=on_mobile,
+        # A probe is proved by the nonce the dialplan matched (keyed HotlineProbe). Until the call
+        # ends, the probe's caller number marks it provisionally, so a probe's first rows never
+        # count as a customer's; the final record of a stranger who spoofed it says False.
         is_probe=call.probe_nonce is not None or (
-            settings.probe_caller is not None and call.caller_number == settings.probe_caller),
+            ended_at is None and settings.probe_caller is not None and call.caller_number == settings.probe_caller),
     )
 
 

@@ -73,7 +73,12 @@ class FakeAmi:
 
 
 def event(n: int, name: str = NAME) -> bytes:
-    return (f"Event: Newchannel\r\nTimestamp: 1795429737.{n:06d}\r\nCallerIDName: {name}\r\n"
+    """A Newchannel with the whole channel snapshot, shaped as Asterisk 22 sends it (debug = on)."""
+    return (f"Event: Newchannel\r\nPrivilege: call,all\r\nTimestamp: 1795429737.{n:06d}\r\n"
+            f"SequenceNumber: {100 + n}\r\nChannel: PJSIP/carrier-{n:08x}\r\nChannelState: 4\r\n"
+            f"ChannelStateDesc: Ring\r\nCallerIDNum: 13800000000\r\nCallerIDName: {name}\r\n"
+            "ConnectedLineNum: <unknown>\r\nConnectedLineName: <unknown>\r\nLanguage: en\r\nAccountCode: \r\n"
+            f"Context: from-carrier\r\nExten: 4008001234\r\nPriority: 1\r\n"
             f"Uniqueid: pbx-{n}\r\nLinkedid: pbx-{n}\r\n\r\n").encode()
 
 

@@ -18,6 +18,7 @@ from pbx_bridge.tracker import (
     Decision,
     Disposition,
     HangupChannel,
+    SecurityAlert,
     Tick,
     TrackerSettings,
     TrackerState,
@@ -26,9 +27,11 @@ from pbx_bridge.tracker import (
     apply,
 )
 from pbx_bridge.tracker.tracker import endpoint_of
+from tests.support.capture import FIXTURE_EVENT_KEY
 from tests.support.fixtures import fixture_messages
 
-SETTINGS = TrackerSettings(hotline_numbers=frozenset({"4008001234", "4008005678"}), trunk="carrier")
+SETTINGS = TrackerSettings(hotline_numbers=frozenset({"4008001234", "4008005678"}), trunk="carrier",
+                           event_key=FIXTURE_EVENT_KEY)
 
 
 def run(messages: list[AmiMessage], settings: TrackerSettings = SETTINGS) -> tuple[TrackerState, list[Decision]]:
@@ -277,9 +280,11 @@ def _trunk_newchannel(uniqueid: str, linkedid: str) -> AmiMessage:
 
 def test_guard_hangs_up_an_outbound_trunk_channel_nobody_started() -> None:
     _, decisions = apply(TrackerState(), _trunk_newchannel("pbx-9.2", "pbx-9.1"), SETTINGS)
-    hangup, violation = decisions
+    [hangup] = decisions
     assert isinstance(hangup, HangupChannel) and hangup.channel == "PJSIP/carrier-0000004a"
-    assert isinstance(violation, Violation) and violation.kind is ViolationKind.OUTBOUND_ATTEMPT
+    assert hangup.linkedid == "pbx-9.1"  # the daemon confirms the channel belongs to it before acting
+    violation = hangup.violation  # recorded only once Asterisk confirmed the target
+    assert violation is not None and violation.kind is ViolationKind.OUTBOUND_ATTEMPT
     assert violation.detail("stopped_by") == "guard"
 
 
@@ -290,7 +295,8 @@ def test_guard_leaves_pbx_bridges_own_channels_alone() -> None:
 def test_refused_outbound_dial_is_a_violation_with_the_extension_and_digits() -> None:
     event = parse_message(
         "Event: UserEvent\r\nTimestamp: 1795430000.5\r\nUserEvent: OutboundAttempt\r\n"
-        "Channel: PJSIP/agent101-00000007\r\nUniqueid: pbx-7.1\r\nLinkedid: pbx-7.1\r\nDigits: 13800138000")
+        "Channel: PJSIP/agent101-00000007\r\nUniqueid: pbx-7.1\r\nLinkedid: pbx-7.1\r\nDigits: 13800138000"
+        f"\r\nKey: {FIXTURE_EVENT_KEY}")
     [violation] = apply(TrackerState(), event, SETTINGS)[1]
     assert isinstance(violation, Violation)
     assert (violation.kind, violation.detail("extension"), violation.detail("digits")) == (
@@ -340,9 +346,9 @@ def test_captured_refused_dial_out() -> None:
 def test_captured_leak_is_caught_by_the_guard() -> None:
     _, decisions = run(fixture_messages("outbound_leaked"))
     hangups = [d for d in decisions if isinstance(d, HangupChannel)]
-    violations = [d for d in decisions if isinstance(d, Violation)]
     assert len(hangups) == 1 and hangups[0].channel.startswith("PJSIP/carrier-")
-    assert [v.detail("stopped_by") for v in violations] == ["guard"]
+    assert [v.detail("stopped_by") for v in (h.violation for h in hangups) if v] == ["guard"]
+    assert not [d for d in decisions if isinstance(d, Violation)]  # recorded only after confirmation
     assert not [d for d in decisions if isinstance(d, CallStarted)]  # not a hotline call
 
 
@@ -350,7 +356,8 @@ def test_a_forward_announced_by_the_dialplan_passes_the_guard_even_for_an_untrac
     # A call that began before pbx-bridge started is not tracked; the dialplan's stage event
     # right before it dials the mobile marks the forward as the system's own.
     mark = parse_message("Event: UserEvent\r\nTimestamp: 1795429999.9\r\nUserEvent: HotlineStage\r\n"
-                         "Stage: mobile\r\nChannel: PJSIP/carrier-00000049\r\nUniqueid: pbx-9.1\r\nLinkedid: pbx-9.1")
+                         "Stage: mobile\r\nChannel: PJSIP/carrier-00000049\r\nUniqueid: pbx-9.1\r\nLinkedid: pbx-9.1"
+                             f"\r\nKey: {FIXTURE_EVENT_KEY}")
     state, decisions = apply(TrackerState(), mark, SETTINGS)
     assert decisions == [] and "pbx-9.1" in state.forward_marks
     assert apply(state, _trunk_newchannel("pbx-9.2", "pbx-9.1"), SETTINGS)[1] == []
@@ -362,3 +369,32 @@ def test_a_forward_announced_by_the_dialplan_passes_the_guard_even_for_an_untrac
 def test_captured_after_hours_forward_is_not_touched_by_the_guard() -> None:
     _, decisions = run(fixture_messages("after_hours_forwarded"))
     assert not [d for d in decisions if isinstance(d, HangupChannel | Violation)]
+
+
+def _with_dial_string(messages: list[AmiMessage], number: str) -> list[AmiMessage]:
+    """The captured forward, its trunk leg's DialBegin changed to dial `number` instead."""
+    return [AmiMessage({**m.headers, "dialstring": f"{number}@carrier"}) if m.event == "DialBegin" else m
+            for m in messages]
+
+
+def test_the_announced_forward_to_the_duty_mobile_passes_the_forward_guard() -> None:
+    _, decisions = run(fixture_messages("after_hours_forwarded"))
+    assert not [d for d in decisions if isinstance(d, HangupChannel | Violation)]
+
+
+def test_a_trunk_leg_of_a_hotline_call_dialling_another_number_is_hung_up_and_recorded() -> None:
+    _, decisions = run(_with_dial_string(fixture_messages("after_hours_forwarded"), "16800000000"))
+    [hangup] = [d for d in decisions if isinstance(d, HangupChannel)]
+    assert hangup.channel.startswith("PJSIP/carrier-") and hangup.violation is not None
+    assert (hangup.violation.detail("digits"), hangup.violation.detail("announced_mobile"),
+            hangup.violation.detail("stopped_by")) == ("16800000000", "13900139000", "forward_guard")
+    assert hangup.linkedid == hangup.violation.linkedid
+
+
+def test_dialplan_events_without_the_key_are_refused() -> None:
+    unkeyed = [AmiMessage({k: v for k, v in m.headers.items() if k != "key"}) for m in fixture_messages(
+        "after_hours_forwarded")]
+    _, decisions = run(unkeyed)
+    assert [d.reason for d in decisions if isinstance(d, SecurityAlert)] == ["forged_user_event"] * 2
+    [ended_call] = [d for d in decisions if isinstance(d, CallEnded)]
+    assert ended_call.record.forwarded_to is None  # the stage events were not believed

@@ -67,6 +67,25 @@ def test_oversized_message_is_a_framing_error() -> None:
         list(framer.feed(b"Event: X\r\n" + b"A" * 200))
 
 
+def test_endless_banner_line_is_a_framing_error_not_an_endless_buffer() -> None:
+    framer = AmiFramer(max_message_bytes=100)
+    assert list(framer.feed(b"Asterisk Call Manager/" + b"1" * 60)) == []
+    with pytest.raises(FramingError):
+        list(framer.feed(b"1" * 60))
+
+
+def test_terminator_split_across_small_reads_is_found() -> None:
+    framer = AmiFramer()
+    data = b"Event: A\r\nX: " + b"y" * 5000 + b"\r\n\r\nEvent: B\r\n\r\n"
+    events = [m.event for i in range(0, len(data), 3) for m in framer.feed(data[i:i + 3])]
+    assert events == ["A", "B"]
+
+
+@pytest.mark.parametrize("raw", ["1e18", "-1e18", "nan", "inf", "253402300800", "9" * 400, "x"])
+def test_timestamp_out_of_range_is_none(raw: str) -> None:
+    assert parse_message(f"Event: X\r\nTimestamp: {raw}").timestamp is None
+
+
 def test_headers_are_case_insensitive_first_value_wins() -> None:
     message = parse_message("Event: Cel\r\nUniqueID: a\r\nLinkedID: b\r\nlinkedid: c")
     assert message.get("Uniqueid") == "a"
