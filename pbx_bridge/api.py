@@ -1,32 +1,42 @@
 """The ops HTTP API (aiohttp), served inside the daemon's own event loop.
 
 GET /healthz, GET /metrics, GET /calls/live, GET|PUT /duty, POST /probes, GET /probes/{id},
-GET|PUT /calls/{linkedid}/note, GET /openapi.json. Anything that changes state, and reading a
-call sheet (customer data), needs `Authorization: Bearer <token>` (compared in constant time);
-without a configured token such requests are refused. Bodies are validated with pydantic; every error
-is JSON `{"error": ..., "detail": ...}`. No request can choose a number the PBX dials: the
-roster only accepts numbers matching `[duty] mobile_pattern`.
+GET|PUT /calls/{linkedid}/note, GET /openapi.json.
+
+Who may do what is decided on the matched route, never on the raw path: /healthz, /metrics and
+/openapi.json are public; every other request, an unknown path included, needs
+`Authorization: Bearer <token>`, one of the named tokens of [api] (compared in constant time with
+every one of them), whose role must be allowed on the route (ROUTES: ops, agent, viewer). Who
+acted (the roster, call sheets) is recorded as the token's name, never taken from the body.
+Handlers use a small pool of database connections of their own (ApiDatabase): many requests
+wait briefly, then get 503, and never take connections the call writer needs. Bodies are
+validated with pydantic; every error is JSON `{"error": ..., "detail": ...}`. No request can
+choose a number the PBX dials: the roster only accepts numbers matching `[duty] mobile_pattern`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import hmac
 import itertools
 import json
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final, Literal
 
 import asyncpg
 import structlog
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pbx_bridge.aio import within
+from pbx_bridge.config import ApiToken, Role, mobile_allowed
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.notes import (
     LINKEDID,
@@ -44,7 +54,7 @@ from pbx_bridge.tracker.tracker import TrackerState, live_calls
 log = structlog.get_logger("pbx_bridge.api")
 
 MAX_BODY_BYTES = 64 * 1024
-PRIVATE_PATH = re.compile(r"^/calls/[^/]+/note$")  # call sheets hold customer data: token even to read
+ROSTER_LOCK = 0x7062786475  # "pbxdu": one roster replacement at a time (advisory lock)
 
 
 class LiveState:
@@ -64,6 +74,90 @@ class LiveState:
 Component = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]  # something /healthz asks about
 
 
+class DatabaseUnavailableError(Exception):
+    """No API database connection could be had; `reason` is short and fixed (safe to show)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, fixed description of a database failure: what /healthz and API errors may show
+    (the exception's text, with addresses, paths or server messages, goes to the log only)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return "login refused"
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return "too many connections"
+    if isinstance(exc, asyncpg.CannotConnectNowError):
+        return "not accepting connections"
+    if isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
+        return "unreachable"
+    return "error"
+
+
+class ApiDatabase:
+    """The API's own bounded asyncpg pool: at most `max_size` connections, and a request waits at
+    most `acquire_timeout` seconds for one (then 503). Opened and closed with the aiohttp app."""
+
+    def __init__(self, dsn: str, *, max_size: int = 4, acquire_timeout: float = 2.0,
+                 command_timeout: float = 10.0, application_name: str = "pbx-bridge-api") -> None:
+        self._dsn = dsn
+        self.max_size = max_size
+        self.acquire_timeout = acquire_timeout
+        self.command_timeout = command_timeout
+        self.application_name = application_name
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Create the pool (it connects lazily: the database may be down at start)."""
+        if self._pool is not None:
+            raise RuntimeError("the API database pool is already open")
+        self._pool = await asyncpg.create_pool(
+            self._dsn, min_size=0, max_size=self.max_size, timeout=self.acquire_timeout,
+            command_timeout=self.command_timeout, max_inactive_connection_lifetime=60,
+            server_settings={"application_name": self.application_name})
+
+    async def close(self) -> None:
+        """Close the pool, waiting at most 5 s for connections in use, then cutting them."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await within(pool.close(), 5)
+        except TimeoutError:
+            pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, returned to the pool afterwards; DatabaseUnavailableError if none
+        can be had within `acquire_timeout` (all in use, or the database unreachable)."""
+        pool = self._pool
+        if pool is None:
+            raise DatabaseUnavailableError("not started")
+        try:
+            conn = await pool.acquire(timeout=self.acquire_timeout)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            reason = failure_reason(exc)
+            log.warning("api_database_unavailable", reason=reason, error=str(exc) or type(exc).__name__)
+            raise DatabaseUnavailableError(reason) from None
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
+
+
+Access = frozenset[Role] | Literal["public"]
+PUBLIC: Final = "public"
+EVERY_ROLE: Final[frozenset[Role]] = frozenset({"ops", "agent", "viewer"})
+OPS: Final[frozenset[Role]] = frozenset({"ops"})
+AGENT: Final[frozenset[Role]] = frozenset({"agent"})
+
+
 @dataclass(frozen=True)
 class ApiContext:
     """What the handlers need from the daemon."""
@@ -72,14 +166,17 @@ class ApiContext:
     live: LiveState
     health: dict[str, Component]  # name -> check; a failing one with `critical` makes /healthz 503
     critical: frozenset[str]
-    connect: Callable[[], Awaitable[asyncpg.Connection]]
-    token: str | None
+    database: ApiDatabase  # opened and closed by the app (create_app)
+    tokens: Sequence[ApiToken]  # empty: only the public routes answer
     mobile_pattern: str
     on_roster_change: Callable[[], Awaitable[object]]
     probes: ProbeRunner | None = None
 
 
 CONTEXT = web.AppKey("context", ApiContext)
+ACCESS = web.AppKey("access", dict[AbstractRoute, Access])  # each route's roles; absent: token, then 404/405
+TOKEN_DIGESTS = web.AppKey("token_digests", tuple[tuple[bytes, ApiToken], ...])
+CALLER = web.RequestKey("caller", ApiToken)  # whose token authenticated the request
 
 
 def error(status: int, message: str, detail: Any = None) -> web.Response:
@@ -97,23 +194,63 @@ async def errors_as_json(request: web.Request,
         if exc.status < 400:
             raise
         return error(exc.status, exc.reason)
+    except DatabaseUnavailableError as exc:
+        response = error(503, "database unavailable, try again", {"reason": exc.reason})
+        response.headers["Retry-After"] = "1"
+        return response
     except Exception:
         log.exception("api_handler_failed", path=request.path)
         return error(500, "internal error")
 
 
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def identify(authorization: str, digests: Sequence[tuple[bytes, ApiToken]]) -> ApiToken | None:
+    """The token an `Authorization: Bearer ...` header carries, if it is a configured one.
+
+    The given token's digest is compared in constant time with every configured token's digest
+    (no early exit, and equal lengths: nothing tells how close a guess was, or which token it was near).
+    """
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return None
+    given_digest = _digest(given.strip())
+    found = None
+    for digest, token in digests:
+        if hmac.compare_digest(given_digest, digest):
+            found = token
+    return found
+
+
 @web.middleware
-async def bearer_token(request: web.Request,
-                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """State-changing methods, and reading customer data, need the configured bearer token."""
-    if request.method in ("GET", "HEAD", "OPTIONS") and not PRIVATE_PATH.match(request.path):
+async def authorize(request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Public routes pass; everything else needs a configured token whose role the route allows.
+
+    Decided on the route the request matched (so no spelling of a path, percent-encoded or not,
+    can reach a handler it was not meant to): an unknown path or method needs a token too, and
+    only then gets its 404 or 405.
+    """
+    access = request.app[ACCESS].get(request.match_info.route)
+    if access == PUBLIC:
         return await handler(request)
-    expected = request.app[CONTEXT].token
-    if expected is None:
-        return error(403, "state-changing requests are disabled: no [api] token is configured")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
-        return error(401, "missing or wrong bearer token")
+    digests = request.app[TOKEN_DIGESTS]
+    if not digests:
+        return error(403, "the API is closed: no [api] tokens are configured")
+    caller = identify(request.headers.get("Authorization", ""), digests)
+    if caller is None:
+        response = error(401, "missing or unknown bearer token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="pbx-bridge"'
+        return response
+    request[CALLER] = caller
+    if access is not None and caller.role not in access:
+        needed = sorted(access)
+        log.warning("api_forbidden", token=caller.name, role=caller.role, method=request.method,
+                    route=request.match_info.route.resource.canonical if request.match_info.route.resource else None)
+        return error(403, f"this request needs the role {' or '.join(needed)}",
+                     {"needed": needed, "role": caller.role})
     return await handler(request)
 
 
@@ -123,7 +260,11 @@ async def healthz(request: web.Request) -> web.Response:
     components = {}
     healthy = True
     for name, check in context.health.items():
-        ok, detail = await check()
+        try:
+            ok, detail = await check()
+        except Exception:  # a broken check says so, without its exception's text
+            log.exception("health_check_failed", component=name)
+            ok, detail = False, {"error": "check failed"}
         components[name] = {"ok": ok, **detail}
         if not ok and name in context.critical:
             healthy = False
@@ -186,18 +327,17 @@ def _entry_json(row: asyncpg.Record) -> dict[str, Any]:
 
 async def get_duty(request: web.Request) -> web.Response:
     """The roster entries that are current or to come."""
-    conn = await request.app[CONTEXT].connect()
-    try:
+    async with request.app[CONTEXT].database.connection() as conn:
         rows = await conn.fetch("SELECT holder, mobile, starts_at, ends_at FROM duty_roster WHERE ends_at > now() "
                                 "ORDER BY starts_at")
-    finally:
-        await conn.close()
-    return web.json_response({"entries": [_entry_json(r) for r in rows]})
+    return _json({"entries": [_entry_json(r) for r in rows]})
 
 
 async def put_duty(request: web.Request) -> web.Response:
-    """Replace the roster from now on; numbers must match the configured mobile pattern."""
+    """Replace the roster from now on; numbers must match the configured mobile pattern. Who did it
+    (the token's name), when, and the entries before and after go to duty_roster_changes."""
     context = request.app[CONTEXT]
+    actor = request[CALLER].name
     raw = await request.read()
     if len(raw) > MAX_BODY_BYTES:
         return error(413, "body too large")
@@ -205,24 +345,25 @@ async def put_duty(request: web.Request) -> web.Response:
         update = RosterUpdate.model_validate_json(raw)
     except ValidationError as exc:
         return error(422, "invalid roster", _invalid(exc))
-    pattern = re.compile(context.mobile_pattern)
-    bad = [e.mobile for e in update.entries if not pattern.match(e.mobile)]
+    bad = [e.mobile for e in update.entries if not mobile_allowed(context.mobile_pattern, e.mobile)]
     if bad:
         return error(422, "not an allowed duty mobile number", {"numbers": bad, "pattern": context.mobile_pattern})
-    conn = await context.connect()
-    try:
-        async with conn.transaction():
-            await conn.execute("DELETE FROM duty_roster WHERE ends_at > now()")
-            await conn.executemany(
-                "INSERT INTO duty_roster (holder, mobile, starts_at, ends_at) VALUES ($1, $2, $3, $4)",
-                [(e.holder, e.mobile, e.starts_at, e.ends_at) for e in update.entries])
-    finally:
-        await conn.close()
-    log.info("duty_roster_replaced", entries=len(update.entries))
+    new = [{"holder": e.holder, "mobile": e.mobile, "starts_at": e.starts_at.isoformat(),
+            "ends_at": e.ends_at.isoformat()} for e in sorted(update.entries, key=lambda e: e.starts_at)]
+    async with context.database.connection() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", ROSTER_LOCK)
+        old = await conn.fetch("DELETE FROM duty_roster WHERE ends_at > now() "
+                               "RETURNING holder, mobile, starts_at, ends_at")
+        await conn.executemany(
+            "INSERT INTO duty_roster (holder, mobile, starts_at, ends_at) VALUES ($1, $2, $3, $4)",
+            [(e.holder, e.mobile, e.starts_at, e.ends_at) for e in update.entries])
+        await conn.execute(
+            "INSERT INTO duty_roster_changes (changed_by, old_entries, new_entries) VALUES ($1, $2::jsonb, $3::jsonb)",
+            actor, json.dumps([_entry_json(r) for r in sorted(old, key=lambda r: r["starts_at"])], ensure_ascii=False),
+            json.dumps(new, ensure_ascii=False))
+    log.info("duty_roster_replaced", entries=len(new), replaced=len(old), by=actor)
     await context.on_roster_change()  # the PBX learns the new mobile at once
-    return web.json_response({"entries": [
-        {"holder": e.holder, "mobile": e.mobile, "starts_at": e.starts_at.isoformat(),
-         "ends_at": e.ends_at.isoformat()} for e in update.entries]})
+    return _json({"entries": new})
 
 
 async def post_probe(request: web.Request) -> web.Response:
@@ -258,7 +399,7 @@ def _invalid(exc: ValidationError) -> list[dict[str, str]]:
 
 def _linkedid(request: web.Request) -> str:
     linkedid = request.match_info["linkedid"]
-    if not LINKEDID.match(linkedid):
+    if not LINKEDID.fullmatch(linkedid):
         raise web.HTTPNotFound(reason="no such call")
     return linkedid
 
@@ -270,13 +411,11 @@ def _json(body: dict[str, Any], status: int = 200) -> web.Response:
 async def get_note(request: web.Request) -> web.Response:
     """A call's sheet (null while not filled) and its change history."""
     linkedid = _linkedid(request)
-    conn = await request.app[CONTEXT].connect()
     try:
-        sheet, history = await read_sheet(conn, linkedid)
+        async with request.app[CONTEXT].database.connection() as conn:
+            sheet, history = await read_sheet(conn, linkedid)
     except UnknownCallError:
         return error(404, "no such call")
-    finally:
-        await conn.close()
     response = _json({"linkedid": linkedid, "note": json_ready(sheet) if sheet else None, "history": history})
     if sheet is not None:
         response.headers["ETag"] = f'"{sheet["version"]}"'
@@ -299,17 +438,15 @@ async def put_note(request: web.Request) -> web.Response:
         if not tag.isdigit():
             return error(400, 'If-Match must be a sheet version, e.g. "3"')
         expected = int(tag)
-    conn = await request.app[CONTEXT].connect()
     try:
-        saved = await save_sheet(conn, linkedid, sheet, expected)
+        async with request.app[CONTEXT].database.connection() as conn:
+            saved = await save_sheet(conn, linkedid, sheet, request[CALLER].name, expected)
     except UnknownCallError:
         return error(404, "no such call")
     except ProbeCallError:
         return error(409, "this call is a line probe: it has no customer and takes no call sheet")
     except VersionConflictError as exc:
         return error(412, "the sheet was changed meanwhile; read it again", {"current_version": exc.current})
-    finally:
-        await conn.close()
     response = _json({"linkedid": linkedid, "note": saved.as_json(), "changed": saved.changed},
                      status=201 if saved.changed and saved.row["version"] == 1 else 200)
     response.headers["ETag"] = f'"{saved.row["version"]}"'
@@ -317,11 +454,12 @@ async def put_note(request: web.Request) -> web.Response:
 
 
 def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of this API."""
+    """The OpenAPI 3.1 description of this API; who may call what comes from ROUTES."""
     error_schema = {"type": "object", "properties": {"error": {"type": "string"}, "detail": {}}}
     json_error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    unavailable = json_error | {"description": "no database connection within a short wait (Retry-After)"}
     secured: list[dict[str, list[str]]] = [{"bearer": []}]
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "pbx-bridge ops API", "version": "1"},
         "components": {
@@ -338,17 +476,16 @@ def openapi_document() -> dict[str, Any]:
             "/calls/live": {"get": {"summary": "Calls ringing or talking now",
                                     "responses": {"200": {"description": "calls"}}}},
             "/duty": {
-                "get": {"summary": "Current and future duty roster", "responses": {"200": {"description": "roster"}}},
-                "put": {"summary": "Replace the roster from now on", "security": secured,
+                "get": {"summary": "Current and future duty roster",
+                        "responses": {"200": {"description": "roster"}, "503": unavailable}},
+                "put": {"summary": "Replace the roster from now on (recorded: who, when, before and after)",
                         "requestBody": {"required": True, "content": {"application/json": {
                             "schema": {"$ref": "#/components/schemas/RosterUpdate"}}}},
-                        "responses": {"200": {"description": "stored"}, "401": json_error | {"description": "token"},
-                                      "403": json_error | {"description": "no token configured"},
-                                      "422": json_error | {"description": "invalid"}}},
+                        "responses": {"200": {"description": "stored"},
+                                      "422": json_error | {"description": "invalid"}, "503": unavailable}},
             },
-            "/probes": {"post": {"summary": "Start a line probe (no parameters; 202 with its id)", "security": secured,
+            "/probes": {"post": {"summary": "Start a line probe (no parameters; 202 with its id)",
                                  "responses": {"202": {"description": "started or already running"},
-                                               "401": json_error | {"description": "token"},
                                                "422": json_error | {"description": "a body was given"},
                                                "429": json_error | {"description": "rate limited"},
                                                "503": json_error | {"description": "probes not configured"}}}},
@@ -359,45 +496,76 @@ def openapi_document() -> dict[str, Any]:
                                                    "404": json_error | {"description": "unknown"}}}},
             "/calls/{linkedid}/note": {
                 "parameters": [{"name": "linkedid", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "get": {"summary": "A call's sheet (接听记录单) and its change history", "security": secured,
+                "get": {"summary": "A call's sheet (接听记录单) and its change history",
                         "responses": {"200": {"description": "sheet (null if not filled) and history"},
-                                      "401": json_error | {"description": "token"},
-                                      "404": json_error | {"description": "no such call"}}},
-                "put": {"summary": "Fill in or change a call's sheet (If-Match: version, optional)",
-                        "security": secured,
+                                      "404": json_error | {"description": "no such call"}, "503": unavailable}},
+                "put": {"summary": "Fill in or change a call's sheet (If-Match: version, optional); the history "
+                                   "records the token's name as who changed it",
                         "requestBody": {"required": True, "content": {"application/json": {
                             "schema": {"$ref": "#/components/schemas/CallSheet"}}}},
                         "responses": {"200": {"description": "updated (or unchanged)"},
                                       "201": {"description": "first version stored"},
-                                      "401": json_error | {"description": "token"},
                                       "404": json_error | {"description": "no such call"},
                                       "409": json_error | {"description": "a line probe"},
                                       "412": json_error | {"description": "changed meanwhile"},
-                                      "422": json_error | {"description": "invalid"}}},
+                                      "422": json_error | {"description": "invalid"}, "503": unavailable}},
             },
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "json"}}}},
         },
     }
+    for method, path, _handler, access in ROUTES:
+        operation = document["paths"][path][method.lower()]
+        if access == PUBLIC:
+            operation["security"] = []
+            continue
+        roles = sorted(access)
+        operation["security"] = secured
+        operation["x-roles"] = roles
+        operation["description"] = f"Needs a bearer token with the role {' or '.join(roles)}."
+        operation["responses"] |= {
+            "401": json_error | {"description": "no token, or not a configured one"},
+            "403": json_error | {"description": f"the token's role is not {' or '.join(roles)}"}}
+    return document
 
 
 async def openapi(request: web.Request) -> web.Response:
     return _json(openapi_document())
 
 
+# Every route, and which roles may use it (PUBLIC: no token). The middleware `authorize` decides
+# on the route a request matched; a path not listed needs a token and then gets 404 or 405.
+ROUTES: Final[tuple[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]], Access], ...]] = (
+    ("GET", "/healthz", healthz, PUBLIC),
+    ("GET", "/metrics", metrics, PUBLIC),
+    ("GET", "/openapi.json", openapi, PUBLIC),
+    ("GET", "/calls/live", calls_live, EVERY_ROLE),  # callers' names and numbers
+    ("GET", "/duty", get_duty, EVERY_ROLE),  # holders' names and mobile numbers
+    ("PUT", "/duty", put_duty, OPS),
+    ("POST", "/probes", post_probe, OPS),
+    ("GET", "/probes/{id}", get_probe, OPS),
+    ("GET", "/calls/{linkedid}/note", get_note, AGENT),  # customer data: agents only
+    ("PUT", "/calls/{linkedid}/note", put_note, AGENT),
+)
+
+
 def create_app(context: ApiContext) -> web.Application:
-    """The aiohttp application (app factory)."""
-    app = web.Application(middlewares=[errors_as_json, bearer_token], client_max_size=MAX_BODY_BYTES)
+    """The aiohttp application (app factory); it opens the API's database pool at start and
+    closes it at cleanup."""
+    app = web.Application(middlewares=[errors_as_json, authorize], client_max_size=MAX_BODY_BYTES)
     app[CONTEXT] = context
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/calls/live", calls_live)
-    app.router.add_get("/duty", get_duty)
-    app.router.add_put("/duty", put_duty)
-    app.router.add_post("/probes", post_probe)
-    app.router.add_get("/probes/{id}", get_probe)
-    app.router.add_get("/calls/{linkedid}/note", get_note)
-    app.router.add_put("/calls/{linkedid}/note", put_note)
-    app.router.add_get("/openapi.json", openapi)
+    app[TOKEN_DIGESTS] = tuple((_digest(t.secret.get_secret_value()), t) for t in context.tokens)
+    app[ACCESS] = {}
+    for method, path, handler, access in ROUTES:
+        app[ACCESS][app.router.add_route(method, path, handler)] = access
+
+    async def database_pool(app: web.Application) -> AsyncIterator[None]:
+        await context.database.open()
+        try:
+            yield
+        finally:
+            await context.database.close()
+
+    app.cleanup_ctx.append(database_pool)
     return app
 
 
@@ -423,16 +591,40 @@ def component_age(label: str, last: Callable[[], float | None], max_age: float) 
     return check
 
 
-def database_component(connect: Callable[[], Awaitable[asyncpg.Connection]]) -> Component:
-    """A health check that runs SELECT 1 within 2 s."""
-    async def check() -> tuple[bool, dict[str, Any]]:
+def database_component(database: ApiDatabase, min_interval: float = 1.0) -> Component:
+    """A health check that runs SELECT 1 on a connection of the API's pool.
+
+    One check at a time, its result reused for `min_interval` seconds, so /healthz (public)
+    uses at most one connection however often it is asked. A failure shows a short fixed reason
+    ("refused", "timeout", "unreachable", ...); the detail goes to the log when the state changes.
+    """
+    last: list[tuple[float, bool, dict[str, Any]]] = []
+    running: list[asyncio.Task[tuple[bool, dict[str, Any]]]] = []
+    logged: list[str | None] = [None]
+
+    async def select_one() -> tuple[bool, dict[str, Any]]:
+        reason, error_text = None, ""
         try:
-            conn = await within(connect(), 2)
-            try:
+            async with database.connection() as conn:
                 await within(conn.fetchval("SELECT 1"), 2)
-            finally:
-                await conn.close()
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            return False, {"error": str(exc) or type(exc).__name__}
-        return True, {}
+        except DatabaseUnavailableError as exc:
+            reason = exc.reason  # api_database_unavailable is logged with the detail
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            reason, error_text = failure_reason(exc), str(exc) or type(exc).__name__
+        if reason != logged[0]:
+            if reason is None:
+                log.info("database_health_ok")
+            else:
+                log.warning("database_health_failed", reason=reason, error=error_text or None)
+            logged[0] = reason
+        result = (reason is None, {} if reason is None else {"error": reason})
+        last[:] = [(time.monotonic(), *result)]
+        return result
+
+    async def check() -> tuple[bool, dict[str, Any]]:
+        if last and time.monotonic() - last[0][0] < min_interval:
+            return last[0][1], last[0][2]
+        if not running or running[0].done():
+            running[:] = [asyncio.ensure_future(select_one())]
+        return await asyncio.shield(running[0])
     return check

@@ -7,7 +7,7 @@ import re
 import tomllib
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, NamedTuple, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,8 +40,9 @@ SECRET_ENV = {
     ("api", "token"): "PBX_BRIDGE_API_TOKEN",
     ("smtp", "password"): "PBX_BRIDGE_SMTP_PASSWORD",
 }
-PHONE_NUMBER = re.compile(r"^[0-9]{3,20}$")
-ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Whole strings only: \A...\Z and fullmatch (Python's `$` also matches before a final newline).
+PHONE_NUMBER = re.compile(r"\A[0-9]{3,20}\Z")
+ENDPOINT_NAME = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 
 
 class ConfigError(Exception):
@@ -122,14 +124,14 @@ class HotlineSettings(Section):
     @classmethod
     def _digits(cls, numbers: list[str]) -> list[str]:
         for number in numbers:
-            if not PHONE_NUMBER.match(number):
+            if not PHONE_NUMBER.fullmatch(number):
                 raise ValueError(f"{number!r} is not a phone number (3 to 20 digits)")
         return numbers
 
     @field_validator("trunk")
     @classmethod
     def _endpoint(cls, trunk: str) -> str:
-        if not ENDPOINT_NAME.match(trunk):
+        if not ENDPOINT_NAME.fullmatch(trunk):
             raise ValueError(f"{trunk!r} is not a PJSIP endpoint name")
         return trunk
 
@@ -164,23 +166,36 @@ class DutySettings(Section):
             compiled = re.compile(pattern)
         except re.error as exc:
             raise ValueError(f"not a regular expression: {exc}") from None
-        if compiled.match("") or compiled.match("1;DROP") or not pattern.startswith("^") or not pattern.endswith("$"):
+        if any(compiled.fullmatch(s) for s in ("", "1;DROP", "1\n")) or not (
+                pattern.startswith("^") and pattern.endswith("$")):
             raise ValueError("must be anchored (^...$) and match digits only")
         return pattern
+
+    def mobile_allowed(self, number: str) -> bool:
+        """Whether the roster may name `number` (see `mobile_allowed`)."""
+        return mobile_allowed(self.mobile_pattern, number)
 
     @field_validator("mobile")
     @classmethod
     def _mobile(cls, mobile: str | None) -> str | None:
-        if mobile is not None and not PHONE_NUMBER.match(mobile):
+        if mobile is not None and not PHONE_NUMBER.fullmatch(mobile):
             raise ValueError(f"{mobile!r} is not a phone number (3 to 20 digits)")
         return mobile
+
+
+def mobile_allowed(pattern: str, number: str) -> bool:
+    """`number` is all digits and the whole of it matches `pattern` ([duty] mobile_pattern).
+
+    Always fullmatch: with re.match, `^...$` also accepts the number followed by a newline.
+    """
+    return bool(PHONE_NUMBER.fullmatch(number) and re.fullmatch(pattern, number))
 
 
 DEFAULT_DAY = ["09:00-12:00", "13:00-17:30"]
 
 
 def _clock_time(value: str) -> str:
-    if not re.match(r"^([01][0-9]|2[0-3]):[0-5][0-9]$", value):
+    if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]", value):
         raise ValueError("must be HH:MM")
     return value
 
@@ -254,9 +269,16 @@ class ProbeSettings(Section):
     @field_validator("number", "caller_id")
     @classmethod
     def _digits(cls, number: str | None) -> str | None:
-        if number is not None and not PHONE_NUMBER.match(number):
+        if number is not None and not PHONE_NUMBER.fullmatch(number):
             raise ValueError(f"{number!r} is not a phone number (3 to 20 digits)")
         return number
+
+    @field_validator("trunk")
+    @classmethod
+    def _endpoint(cls, trunk: str | None) -> str | None:
+        if trunk is not None and not ENDPOINT_NAME.fullmatch(trunk):
+            raise ValueError(f"{trunk!r} is not a PJSIP endpoint name")
+        return trunk
 
     _check_clock = field_validator("daily_at")(_clock_time)
 
@@ -276,10 +298,75 @@ class AlertSettings(Section):
         return url
 
 
+Role = Literal["ops", "agent", "viewer"]
+ROLES: tuple[Role, ...] = ("ops", "agent", "viewer")
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+MIN_TOKEN_LENGTH = 16
+LEGACY_NAME = "ops"  # [api] token / token_file / $PBX_BRIDGE_API_TOKEN: one token with the role ops
+
+
+def token_env_var(name: str) -> str:
+    """The environment variable that may hold the named token: PBX_BRIDGE_API_TOKEN_<NAME>."""
+    return "PBX_BRIDGE_API_TOKEN_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+class ApiToken(NamedTuple):
+    """A bearer token as the API checks it: whose it is (recorded as who acted), its role, the secret."""
+
+    name: str
+    role: Role
+    secret: SecretStr
+
+
+class ApiTokenSettings(Section):
+    """One [[api.tokens]] entry: a named bearer token with a role, from `token_file` or from
+    $PBX_BRIDGE_API_TOKEN_<NAME> (exactly one of them; an inline `token` works but is discouraged)."""
+
+    name: str
+    role: Role
+    token_file: Path | None = None
+    token: SecretStr | None = None  # discouraged: whoever reads the configuration file reads the token
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return data
+        environ = (info.context or {}).get("environ", {})
+        var = token_env_var(data["name"])
+        given = [f"${var}"] if environ.get(var) else []
+        given += [key for key in ("token_file", "token") if data.get(key) is not None]
+        if not given:
+            raise ValueError(f"{data['name']}: set token_file or ${var}")
+        if len(given) > 1:
+            raise ValueError(f"{data['name']}: set only one of {' and '.join(given)}")
+        if given[0] == f"${var}":
+            if len(environ[var].strip()) < MIN_TOKEN_LENGTH:
+                raise ValueError(f"{data['name']}: ${var}: use at least {MIN_TOKEN_LENGTH} characters")
+            return {**data, "token": environ[var].strip()}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not TOKEN_NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: 1 to 64 letters, digits and _ . @ - (it is recorded as who acted)")
+        return name
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"use at least {MIN_TOKEN_LENGTH} characters")
+        return token
+
+
 class ApiSettings(Section):
-    """[api]: the ops HTTP API."""
+    """[api]: the ops HTTP API and who may use it ([[api.tokens]], each with a role)."""
 
     listen: str = "127.0.0.1:8400"
+    tokens: list[ApiTokenSettings] = []
+    # The legacy form: one token, named "ops" with the role ops (also $PBX_BRIDGE_API_TOKEN).
     token: SecretStr | None = None
     token_file: Path | None = None
 
@@ -287,15 +374,43 @@ class ApiSettings(Section):
     def _one_token(self) -> Self:
         if self.token is not None and self.token_file is not None:
             raise ValueError("set only one of token and token_file")
-        if self.token is not None and len(self.token.get_secret_value()) < 16:
-            raise ValueError("token: use at least 16 characters")
+        if self.token is not None and len(self.token.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"token: use at least {MIN_TOKEN_LENGTH} characters")
+        names = [t.name for t in self.tokens]
+        if self.token is not None or self.token_file is not None:
+            names.append(LEGACY_NAME)
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            legacy = "; [api] token or token_file is the token named ops" if name == LEGACY_NAME else ""
+            raise ValueError(f"two tokens are named {name!r} (in [[api.tokens]]{legacy})")
+        variables = [token_env_var(n) for n in names]
+        for var in sorted({v for v in variables if variables.count(v) > 1}):
+            raise ValueError(f"two [[api.tokens]] names share the environment variable ${var}")
         return self
 
-    def resolved_token(self) -> SecretStr | None:
-        """The bearer token for state-changing requests (None: such requests are refused)."""
+    def resolved_tokens(self) -> list[ApiToken]:
+        """Every configured token, files read (raises ValueError naming the key)."""
+        resolved: list[ApiToken] = []
         if self.token_file is not None:
-            return _read_secret_file(self.token_file, "api.token_file")
-        return self.token
+            resolved.append(ApiToken(LEGACY_NAME, "ops", _read_token_file(self.token_file, "api.token_file")))
+        elif self.token is not None:
+            resolved.append(ApiToken(LEGACY_NAME, "ops", self.token))
+        for index, entry in enumerate(self.tokens):
+            if entry.token is not None:
+                secret = entry.token
+            else:
+                assert entry.token_file is not None
+                secret = _read_token_file(entry.token_file, f"api.tokens.{index}.token_file ({entry.name})")
+            resolved.append(ApiToken(entry.name, entry.role, secret))
+        seen: dict[str, str] = {}
+        for item in resolved:
+            other = seen.setdefault(item.secret.get_secret_value(), item.name)
+            if other != item.name:
+                raise ValueError(f"api.tokens: {other} and {item.name} have the same token; give each its own")
+        return resolved
+
+    def resolved_token(self, role: Role = "ops") -> SecretStr | None:
+        """The first configured token with `role` (None if there is none)."""
+        return next((t.secret for t in self.resolved_tokens() if t.role == role), None)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -312,6 +427,13 @@ class ApiSettings(Section):
         return listen
 
 
+def _read_token_file(path: Path, key: str) -> SecretStr:
+    secret = _read_secret_file(path, key)
+    if len(secret.get_secret_value()) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"{key}: the token in {path} is shorter than {MIN_TOKEN_LENGTH} characters")
+    return secret
+
+
 class CallSheetSettings(Section):
     """[call_sheet]: the call sheet (接听记录单) agents fill in for each call."""
 
@@ -321,7 +443,7 @@ class CallSheetSettings(Section):
     sweep_interval_seconds: float = Field(default=60.0, gt=0, le=3600)
 
 
-EMAIL = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
+EMAIL = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+")
 
 
 class SmtpSettings(Section):
@@ -339,9 +461,17 @@ class SmtpSettings(Section):
     @field_validator("sender")
     @classmethod
     def _address(cls, sender: str) -> str:
-        if not EMAIL.match(sender):
+        if not EMAIL.fullmatch(sender):
             raise ValueError(f"{sender!r} is not an email address")
         return sender
+
+    @field_validator("password", "password_file")
+    @classmethod
+    def _not_in_clear(cls, value: object, info: ValidationInfo) -> object:
+        if value is not None and info.data.get("security") == "none":
+            raise ValueError('not with security = "none" (the password would cross the network unencrypted); '
+                             'use "starttls" or "tls"')
+        return value
 
     @model_validator(mode="after")
     def _one_password(self) -> Self:
@@ -369,7 +499,7 @@ class ReportSettings(Section):
     @classmethod
     def _addresses(cls, recipients: list[str]) -> list[str]:
         for address in recipients:
-            if not EMAIL.match(address):
+            if not EMAIL.fullmatch(address):
                 raise ValueError(f"{address!r} is not an email address")
         return recipients
 
@@ -469,9 +599,9 @@ def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     _apply_secret_env(raw, environ)
     try:
-        settings = Settings.model_validate(raw)
+        settings = Settings.model_validate(raw, context={"environ": environ})
         settings.ami.resolved_secret()
-        settings.api.resolved_token()
+        settings.api.resolved_tokens()
         settings.smtp.resolved_password()
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from None

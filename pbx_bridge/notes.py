@@ -22,17 +22,21 @@ Category = Literal["咨询", "投诉", "建议", "业务办理"]  # enquiry, com
 Status = Literal["待处理", "处理中", "已完成"]  # open, in progress, done
 COMPLAINT_OVERDUE = "complaint_overdue"
 SHEET_FIELDS = ("caller_name", "contact", "category", "summary", "resolution", "owner", "status")
-LINKEDID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
+LINKEDID = re.compile(r"\A[0-9A-Za-z._-]{1,64}\Z")  # whole string: no final newline
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_EXCEPT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class CallSheet(BaseModel):
-    """PUT /calls/{linkedid}/note: the whole sheet as it should now read, and who is writing it."""
+    """PUT /calls/{linkedid}/note: the whole sheet as it should now read.
+
+    Who makes the change is never taken from here: the API records the name of the token used.
+    `author` is still accepted (clients written for the first version send it) and ignored.
+    """
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
 
-    author: str = Field(min_length=1, max_length=100)  # who makes this change (kept in the history)
+    author: str | None = Field(default=None, max_length=100)  # ignored: who acted comes from the token
     caller_name: str = Field(default="", max_length=100)
     contact: str = Field(default="", max_length=100)
     category: Category
@@ -41,7 +45,7 @@ class CallSheet(BaseModel):
     owner: str = Field(default="", max_length=100)
     status: Status = "待处理"
 
-    @field_validator("author", "caller_name", "contact", "owner")
+    @field_validator("caller_name", "contact", "owner")
     @classmethod
     def _one_line(cls, value: str) -> str:
         if _CONTROL.search(value):
@@ -56,7 +60,7 @@ class CallSheet(BaseModel):
         return value
 
     def fields(self) -> dict[str, str]:
-        """The sheet's fields (without the author)."""
+        """The sheet's fields (without the ignored author)."""
         return {name: getattr(self, name) for name in SHEET_FIELDS}
 
 
@@ -123,9 +127,10 @@ _RECORD_OVERDUE = """
     RETURNING linkedid, occurred_at, details"""
 
 
-async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet,
+async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet, actor: str,
                      expected_version: int | None = None) -> SavedSheet:
-    """Create or update the sheet of a call, recording who changed which field from what to what.
+    """Create or update the sheet of a call, recording who (`actor`: the API token's name, never
+    anything from the request body) changed which field from what to what.
 
     Raises UnknownCallError, ProbeCallError, or VersionConflictError (when `expected_version`
     is given and the stored sheet is at another version). A PUT that changes nothing writes nothing.
@@ -146,7 +151,7 @@ async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet,
             changes = {name: {"old": None, "new": value} for name, value in new.items()}
             row = await conn.fetchrow(
                 _INSERT_SHEET,
-                linkedid, *new.values(), sheet.author)
+                linkedid, *new.values(), actor)
         else:
             changes = {name: {"old": current[name], "new": value}
                        for name, value in new.items() if current[name] != value}
@@ -154,13 +159,13 @@ async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet,
                 return SavedSheet(dict(current), changed=False)
             row = await conn.fetchrow(
                 _UPDATE_SHEET,
-                linkedid, *new.values(), sheet.author)
+                linkedid, *new.values(), actor)
         assert row is not None
         await conn.execute(
             "INSERT INTO call_note_history (linkedid, version, changed_at, changed_by, changes) "
             "VALUES ($1, $2, $3, $4, $5::jsonb)",
-            linkedid, row["version"], row["updated_at"], sheet.author, json.dumps(changes, ensure_ascii=False))
-    log.info("call_sheet_saved", linkedid=linkedid, version=row["version"], fields=sorted(changes))
+            linkedid, row["version"], row["updated_at"], actor, json.dumps(changes, ensure_ascii=False))
+    log.info("call_sheet_saved", linkedid=linkedid, version=row["version"], fields=sorted(changes), by=actor)
     return SavedSheet(dict(row), changed=True)
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import asyncpg
 import structlog
@@ -157,6 +158,20 @@ def decision_from_json(line: str) -> RecordWrite:
     return CallStarted(record)
 
 
+def open_private(path: Path) -> TextIO:
+    """Open `path` for appending, readable and writable by its owner only (0600), also when it
+    already existed with a wider mode; a symbolic link in its place is refused. Spooled and
+    rejected records hold callers' numbers and names."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
@@ -260,9 +275,7 @@ class CallWriter:
             except asyncpg.PostgresError as exc:
                 log.error("record_rejected", linkedid=linkedid_of(decision), error=str(exc))
                 if self._spool_path is not None:
-                    rejected = self._spool_path.with_suffix(".rejected.jsonl")
-                    rejected.parent.mkdir(parents=True, exist_ok=True)
-                    with rejected.open("a", encoding="utf-8") as out:
+                    with open_private(self._spool_path.with_suffix(".rejected.jsonl")) as out:
                         out.write(decision_to_json(decision) + "\n")
 
     async def _connection(self) -> asyncpg.Connection:
@@ -288,8 +301,7 @@ class CallWriter:
         if self._spool_path is None:
             log.error("records_lost_at_shutdown", count=len(self._pending))
             return
-        self._spool_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._spool_path.open("a", encoding="utf-8") as spool:
+        with open_private(self._spool_path) as spool:
             for decision in self._pending:
                 spool.write(decision_to_json(decision) + "\n")
         log.warning("records_spooled", count=len(self._pending), path=str(self._spool_path))

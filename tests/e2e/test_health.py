@@ -65,7 +65,8 @@ async def test_calls_live_shows_a_ringing_call(bridge: BridgeProcess, devenv: De
             await world.set_phone(number, phone, IGNORE)
         await world.call(devenv.hotline_numbers[0], number, "正在响", patience=8)
         await asyncio.sleep(4)
-        status, body = await ops(devenv, "GET", "/calls/live")
+        assert (await ops(devenv, "GET", "/calls/live"))[0] == 401  # callers' names and numbers
+        status, body = await ops(devenv, "GET", "/calls/live", role="viewer")
     [call] = [c for c in body["calls"] if c["caller_number"] == number]
     assert status == 200 and call["state"] == "ringing" and call["stage"] == "group"
     assert 3 < call["ring_seconds"] < 6 and call["caller_name"] == "正在响"

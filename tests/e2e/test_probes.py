@@ -84,12 +84,14 @@ async def test_probe_requests_need_the_token_take_no_number_and_coalesce(bridge:
     assert sum(b["started"] for b in accepted) == 1
     probe_id = accepted[0]["id"]
     for _ in range(60):
-        status, run = await ops(devenv, "GET", f"/probes/{probe_id}")
+        status, run = await ops(devenv, "GET", f"/probes/{probe_id}", role="ops")
         if run["status"] != "running":
             break
         await asyncio.sleep(0.5)
     assert run["status"] == "ok"
-    assert (await ops(devenv, "GET", "/probes/nope"))[0] == 404
+    assert (await ops(devenv, "GET", "/probes/nope"))[0] == 401
+    assert (await ops(devenv, "GET", f"/probes/{probe_id}", role="agent"))[0] == 403
+    assert (await ops(devenv, "GET", "/probes/nope", role="ops"))[0] == 404
 
 
 async def test_daily_probe_fires_at_eight(bridge: BridgeProcess, devenv: DevEnv, tmp_path: Path) -> None:

@@ -98,10 +98,11 @@ async def test_filling_the_call_sheet_through_the_api_records_the_call(bridge: B
         await world.call(devenv.hotline_numbers[0], customer, "记录单测试")
     call = await one_call(devenv.dsn, customer, timeout=25)
     assert call["linkedid"] in await unrecorded(devenv.dsn)
-    sheet = {"author": "agent101", "caller_name": "陈先生", "contact": customer, "category": "业务办理",
+    sheet = {"caller_name": "陈先生", "contact": customer, "category": "业务办理",
              "summary": "办理续费", "resolution": "已办理", "owner": "agent101", "status": "已完成"}
-    status, body = await ops(devenv, "PUT", f"/calls/{call['linkedid']}/note", sheet, token=api_token())
-    assert status == 201 and body["note"]["version"] == 1
+    assert (await ops(devenv, "PUT", f"/calls/{call['linkedid']}/note", sheet, role="ops"))[0] == 403
+    status, body = await ops(devenv, "PUT", f"/calls/{call['linkedid']}/note", sheet, role="agent")
+    assert status == 201 and body["note"]["version"] == 1 and body["note"]["created_by"] == "agent"
     assert call["linkedid"] not in await unrecorded(devenv.dsn)
     row = await fetch(devenv.dsn, 'SELECT "客户姓名", "问题类型", "跟进状态", "接听人" FROM v_call_sheet '
                                   'WHERE "通话编号" = $1', call["linkedid"])
@@ -120,11 +121,11 @@ async def test_a_complaint_left_open_past_its_deadline_is_a_violation(devenv: De
             await world.set_phone(customer, "agent101", answer(1, 1))
             await world.call(devenv.hotline_numbers[0], customer, "投诉客户")
         call = await one_call(devenv.dsn, customer, timeout=25)
-        sheet = {"author": "agent101", "category": "投诉", "summary": "服务态度", "owner": "组长杨",
+        sheet = {"category": "投诉", "summary": "服务态度", "owner": "组长杨",
                  "status": "处理中"}
         async with ClientSession(timeout=ClientTimeout(total=10)) as http, http.put(
                 f"http://127.0.0.1:18414/calls/{call['linkedid']}/note", json=sheet,
-                headers={"Authorization": f"Bearer {api_token()}"}) as response:
+                headers={"Authorization": f"Bearer {api_token('agent')}"}) as response:
             assert response.status == 201
         events = await asyncio.to_thread(process.wait_for, "policy_violation", 15, kind="complaint_overdue",
                                          linkedid=call["linkedid"])

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from pydantic import SecretStr
 
 from pbx_bridge.config import ReportSettings, SmtpSettings
 from pbx_bridge.report import (
@@ -125,6 +126,12 @@ def mail() -> Iterator[MailServer]:
 def smtp_settings(port: int, **values: Any) -> SmtpSettings:
     return SmtpSettings.model_validate(
         {"host": "127.0.0.1", "port": port, "security": "none", "sender": "hotline@example.com"} | values)
+
+
+def plain_text_login(port: int, password: str) -> SmtpSettings:
+    """Settings that log in over plain text, as the test server speaks. A configuration cannot say
+    this (security = "none" with a password is refused), so the password is added unvalidated."""
+    return smtp_settings(port, username="reports").model_copy(update={"password": SecretStr(password)})
 
 
 def csv_sections(text: str) -> dict[str, list[list[str]]]:
@@ -331,13 +338,13 @@ async def test_login_with_the_password_and_a_refusal_never_shows_it(report_dsn: 
             report = await build_report(conn, DAY)
         finally:
             await conn.close()
-        wrong = smtp_settings(server.port, username="reports", password="wrong-pw-1234")
+        wrong = plain_text_login(server.port, "wrong-pw-1234")
         with pytest.raises(ReportError) as caught:
             await send_email(wrong, compose_email(report, wrong, RECIPIENTS, "text"))
         assert f"127.0.0.1:{server.port}" in str(caught.value) and "535" in str(caught.value)
         assert "wrong-pw-1234" not in str(caught.value)
         assert server.inbox.envelopes == []
-        right = smtp_settings(server.port, username="reports", password="right-pw")
+        right = plain_text_login(server.port, "right-pw")
         await send_email(right, compose_email(report, right, RECIPIENTS, "text"))
         assert len(server.inbox.envelopes) == 1
 

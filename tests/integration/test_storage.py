@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import stat
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +14,7 @@ import asyncpg
 import pytest
 
 from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
-from pbx_bridge.storage.writer import CallWriter, decision_from_json, decision_to_json, linkedid_of
+from pbx_bridge.storage.writer import CallWriter, decision_from_json, decision_to_json, linkedid_of, open_private
 from pbx_bridge.tracker import CallEnded, CallLeg, CallRecord, CallStarted, Disposition, Violation, ViolationKind
 
 pytestmark = pytest.mark.integration
@@ -170,3 +172,35 @@ async def asyncpg_fetch(dsn: str, query: str) -> list[asyncpg.Record]:
         return list(await conn.fetch(query))
     finally:
         await conn.close()
+
+
+async def test_spooled_and_rejected_records_are_readable_by_the_owner_only(scratch_dsn: str, tmp_path: Path) -> None:
+    """Callers' numbers and names: 0600, also when the file was left with a wider mode."""
+    async def unreachable() -> asyncpg.Connection:
+        raise OSError("connection refused")
+
+    fresh, wide = tmp_path / "fresh" / "spool.jsonl", tmp_path / "wide.jsonl"
+    wide.write_text("")
+    wide.chmod(0o644)
+    wide.with_suffix(".rejected.jsonl").write_text("")
+    wide.with_suffix(".rejected.jsonl").chmod(0o666)
+    old_umask = os.umask(0o022)
+    try:
+        for spool in (fresh, wide):
+            writer = CallWriter(unreachable, flush_interval=0.01, spool_path=spool, max_backoff=0.05)
+            writer.submit(CallEnded(record(f"it-8-{spool.stem}"), ()))
+            task = asyncio.create_task(writer.run(shutdown_timeout=0.1))
+            writer.stop()
+            await asyncio.wait_for(task, 5)
+            assert stat.S_IMODE(spool.stat().st_mode) == 0o600, spool
+        await write_all(scratch_dsn, [CallEnded(record("it-9", rings=-1), ())], spool=fresh)  # refused: CHECK
+        await write_all(scratch_dsn, [CallEnded(record("it-10", rings=-1), ())], spool=wide)
+    finally:
+        os.umask(old_umask)
+    for rejected in (fresh.with_suffix(".rejected.jsonl"), wide.with_suffix(".rejected.jsonl")):
+        assert len(rejected.read_text().splitlines()) == 1
+        assert stat.S_IMODE(rejected.stat().st_mode) == 0o600, rejected
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "elsewhere.jsonl")
+    with pytest.raises(OSError):
+        open_private(link)

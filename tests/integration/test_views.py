@@ -28,7 +28,8 @@ pytestmark = pytest.mark.integration
 VIEWS = ["v_call_log", "v_daily_kpi", "v_agent_daily", "v_callbacks_due", "v_violations", "v_line_health",
          "v_unrecorded_calls", "v_hourly_load", "v_call_sheet"]
 TABLES = ["calls", "call_legs", "cel", "policy_violations", "line_probes", "call_notes", "call_note_history",
-          "duty_roster", "schedule_overrides", "bridge_settings", "report_deliveries", "schema_migrations"]
+          "duty_roster", "duty_roster_changes", "schedule_overrides", "bridge_settings", "report_deliveries",
+          "schema_migrations"]
 
 
 async def add_outbound(conn: asyncpg.Connection, linkedid: str, dialled: str, at: str, answered: bool) -> None:
@@ -48,7 +49,7 @@ async def add_outbound(conn: asyncpg.Connection, linkedid: str, dialled: str, at
 
 
 def sheet(**fields: Any) -> CallSheet:
-    return CallSheet.model_validate({"author": "组长李雪莲", "category": "咨询", "summary": "询问课程安排"} | fields)
+    return CallSheet.model_validate({"category": "咨询", "summary": "询问课程安排"} | fields)
 
 
 async def seed(conn: asyncpg.Connection) -> None:
@@ -97,9 +98,9 @@ async def seed(conn: asyncpg.Connection) -> None:
         local("2030-06-10 08:00:00"), local("2030-06-10 08:00:02"), local("2030-06-11 03:00:00"),
         local("2030-06-11 03:00:20"))
 
-    await save_sheet(conn, "A", sheet(status="已完成"))
+    await save_sheet(conn, "A", sheet(status="已完成"), "组长李雪莲")
     await save_sheet(conn, "E", sheet(category="投诉", summary="快递延误", owner="杨雪峰", status="处理中",
-                                      contact="13800000005 王女士"))
+                                      contact="13800000005 王女士"), "组长李雪莲")
 
 
 @contextlib.asynccontextmanager
@@ -215,19 +216,19 @@ async def test_call_log_unrecorded_and_call_sheet(db: asyncpg.Connection) -> Non
 
 async def test_filling_a_sheet_removes_the_call_from_unrecorded_and_keeps_history(views_dsn: str) -> None:
     async with rolled_back(views_dsn) as conn:
-        first = await save_sheet(conn, "B", sheet(author="agent102 王", status="待处理"))
+        first = await save_sheet(conn, "B", sheet(status="待处理"), "agent102 王")
         assert first.changed and first.row["version"] == 1
         assert "B" not in [r["linkedid"] for r in await conn.fetch("SELECT linkedid FROM v_unrecorded_calls")]
-        same = await save_sheet(conn, "B", sheet(author="agent102 王", status="待处理"))
+        same = await save_sheet(conn, "B", sheet(status="待处理"), "agent102 王")
         assert not same.changed and same.row["version"] == 1
-        done = await save_sheet(conn, "B", sheet(author="组长", status="已完成", resolution="已回复"))
+        done = await save_sheet(conn, "B", sheet(status="已完成", resolution="已回复"), "组长")
         assert done.row["version"] == 2 and done.row["completed_at"] is not None
         history = await conn.fetch("SELECT version, changed_by, changes FROM call_note_history "
                                    "WHERE linkedid = 'B' ORDER BY version")
         assert [(h["version"], h["changed_by"]) for h in history] == [(1, "agent102 王"), (2, "组长")]
         assert history[1]["changes"] == ('{"status": {"new": "已完成", "old": "待处理"}, '
                                          '"resolution": {"new": "已回复", "old": ""}}')
-        reopened = await save_sheet(conn, "B", sheet(author="组长", status="处理中", resolution="已回复"))
+        reopened = await save_sheet(conn, "B", sheet(status="处理中", resolution="已回复"), "组长")
         assert reopened.row["completed_at"] is None
 
 
@@ -305,7 +306,7 @@ async def test_every_view_and_column_has_a_bilingual_comment(db: asyncpg.Connect
 def login_roles(views_dsn: str) -> Iterator[dict[str, str]]:
     """A login user in each group role, with DSNs; dropped afterwards."""
     suffix = secrets.token_hex(3)
-    users = {"pbx_supervisor": f"sup_{suffix}", "pbx_bridge": f"app_{suffix}"}
+    users = {"pbx_supervisor": f"sup_{suffix}", "pbx_bridge": f"app_{suffix}", "pbx_cel_writer": f"cel_{suffix}"}
     password = secrets.token_hex(12)
 
     async def run(statements: list[str]) -> None:
@@ -347,24 +348,61 @@ async def test_supervisor_reads_every_view_and_no_table(login_roles: dict[str, s
 
 async def test_daemon_role_can_do_its_work_and_nothing_else(login_roles: dict[str, str]) -> None:
     async with rolled_back(login_roles["pbx_bridge"]) as conn:
-        await save_sheet(conn, "I", sheet(author="agent101"))
+        await save_sheet(conn, "I", sheet(), "agent101")
         await record_overdue_complaints(conn, 60, datetime(2031, 1, 1, tzinfo=UTC))
         await conn.execute("UPDATE bridge_settings SET timezone = 'Asia/Shanghai'")
         await conn.execute("INSERT INTO duty_roster (holder, mobile, starts_at, ends_at) "
                            "VALUES ('x', '13900000000', now(), now() + interval '1 hour')")
         await conn.execute("DELETE FROM duty_roster WHERE holder = 'x'")
+        await conn.execute("INSERT INTO duty_roster_changes (changed_by, old_entries, new_entries) "
+                           "VALUES ('ops', '[]', '[]')")
         await conn.fetch("SELECT * FROM v_daily_kpi")
+        await conn.fetch("SELECT linkedid FROM cel LIMIT 1")  # the reconcile and v_callbacks_due read CEL
     conn = await asyncpg.connect(login_roles["pbx_bridge"])
     try:
         for statement in ["DELETE FROM calls", "DELETE FROM policy_violations", "TRUNCATE call_note_history",
                           "UPDATE call_note_history SET changed_by = 'x'", "INSERT INTO cel (eventtype, eventtime) "
                           "VALUES ('X', now())", "DROP TABLE calls", "CREATE TABLE mine (x int)",
                           "DELETE FROM call_notes", "INSERT INTO schedule_overrides (day, reason) VALUES "
-                          "('2030-01-01', 'x')"]:
+                          "('2030-01-01', 'x')", "SELECT * FROM duty_roster_changes",
+                          "UPDATE duty_roster_changes SET changed_by = 'x'", "DELETE FROM duty_roster_changes"]:
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def test_cel_writer_role_inserts_cel_rows_and_nothing_else(login_roles: dict[str, str]) -> None:
+    """Asterisk's cel_pgsql logs in with a user in pbx_cel_writer: it can add CEL rows, not read them back."""
+    async with rolled_back(login_roles["pbx_cel_writer"]) as conn:
+        await conn.execute("INSERT INTO cel (eventtype, eventtime, channame, uniqueid, linkedid) "
+                           "VALUES ('CHAN_START', now(), 'PJSIP/carrier-1', 'u1', 'u1')")
+    conn = await asyncpg.connect(login_roles["pbx_cel_writer"])
+    try:
+        denied = [f"SELECT * FROM {table}" for table in TABLES] + [f"SELECT * FROM {view}" for view in VIEWS] + [
+            "INSERT INTO cel (eventtype, eventtime) VALUES ('X', now()) RETURNING id",  # RETURNING reads
+            "UPDATE cel SET extra = 'x'", "DELETE FROM cel", "TRUNCATE cel",
+            "INSERT INTO calls (linkedid, did, trunk, started_at, source) VALUES ('x', '1', 't', now(), 'cel')",
+            "INSERT INTO duty_roster (holder, mobile, starts_at, ends_at) "
+            "VALUES ('x', '13900000000', now(), now() + interval '1 hour')",
+            "CREATE TABLE mine (x int)"]
+        for statement in denied:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def test_nobody_but_the_owner_creates_objects_in_public(db: asyncpg.Connection) -> None:
+    assert await db.fetchval("SELECT has_schema_privilege('public', 'public', 'CREATE')") is False
+
+
+async def test_the_roster_refuses_a_mobile_with_a_final_newline(views_dsn: str) -> None:
+    """PostgreSQL's `$` is the very end of the text (Python's would accept the newline)."""
+    async with rolled_back(views_dsn) as conn:
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("INSERT INTO duty_roster (holder, mobile, starts_at, ends_at) "
+                               "VALUES ('x', $1, now(), now() + interval '1 hour')", "13800138000\n")
 
 
 async def test_a_breach_after_midnight_counts_on_its_calls_day_in_both_views(views_dsn: str) -> None:

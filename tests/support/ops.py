@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import ClientSession, ClientTimeout
 
@@ -16,11 +16,18 @@ def api_base(env: DevEnv) -> str:
     return f"http://{listen}"
 
 
-def api_token() -> str:
-    return (STATE / "api.token").read_text().strip()
+Role = Literal["ops", "agent", "viewer"]
 
 
-async def ops(env: DevEnv, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+def api_token(role: Role = "ops") -> str:
+    """The sandbox's token of `role` (scripts/devenv.py writes one per role: .state/api-<role>.token)."""
+    return (STATE / f"api-{role}.token").read_text().strip()
+
+
+async def ops(env: DevEnv, method: str, path: str, body: Any = None, token: str | None = None,
+              role: Role | None = None) -> tuple[int, Any]:
+    """Call the daemon's API with `token`, or with the sandbox's token of `role`; neither: no token."""
+    token = token or (api_token(role) if role else None)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with ClientSession(timeout=ClientTimeout(total=10)) as session, session.request(
             method, api_base(env) + path, data=None if body is None else json.dumps(body),

@@ -292,7 +292,7 @@ async def test_implicit_tls_and_no_login_without_a_username(fake_smtp: list[tupl
 
 async def test_a_failure_names_the_server_but_never_the_password(fake_smtp: list[tuple[str, Any]]) -> None:
     FakeSmtp.fail_login = True
-    settings = smtp(security="none", username="reports", password="s3cret-pw")
+    settings = smtp(security="starttls", username="reports", password="s3cret-pw")
     with pytest.raises(ReportError) as caught:
         await send_email(settings, compose_email(sample(), settings, ["boss@example.com"], "html"))
     assert "mail.example.com:587" in str(caught.value) and "535" in str(caught.value)
