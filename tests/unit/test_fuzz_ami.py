@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, partial
 
+from pbx_bridge.ami.integrity import StreamIntegrity
 from pbx_bridge.ami.wire import MAX_MESSAGE_BYTES, AmiFramer, AmiMessage, FramingError
 from pbx_bridge.tracker import ChannelSnapshot, Tick, TrackerSettings, TrackerState, apply
 from pbx_bridge.tracker.tracker import (
@@ -72,6 +73,7 @@ class WorkerResult:
     snapshots: int = 0
     decisions: int = 0
     framing_errors: int = 0
+    suspects: int = 0  # messages the integrity checks would drop
     max_calls: int = 0
     max_forward_marks: int = 0
     max_buffer: int = 0
@@ -144,6 +146,7 @@ class Fuzzer:
         self.result = WorkerResult(worker=worker, seed=seed)
         self.state = TrackerState()
         self.framer = AmiFramer()
+        self.integrity = StreamIntegrity()
         self.clock = templates()[0].first_timestamp
         self.fresh = 0
         self.data = b""
@@ -289,6 +292,7 @@ class Fuzzer:
         connect = rng.random() < 0.15
         if connect:
             self.framer = AmiFramer()  # a new connection: a fresh framer, the stream starts with the banner
+            self.integrity = StreamIntegrity()
         blocks = self.base()
         names = rng.choices(("duplicate", "reorder", "drop", "inject", "interesting", "bitflip", "truncate", "cut",
                              "crlf_colon", "split_value", "big_header", "invalid_utf8"),
@@ -363,12 +367,17 @@ class Fuzzer:
                 assert len(self.framer._buffer) > MAX_MESSAGE_BYTES, "FramingError below the size limit"
                 self.result.framing_errors += 1
                 self.framer = AmiFramer()
+                self.integrity = StreamIntegrity()  # a new connection, a new stream
                 self.apply(self.snapshot())
                 return  # the rest of this connection's bytes are gone
             pos += size
             self.result.max_buffer = max(self.result.max_buffer, len(self.framer._buffer))
             assert len(self.framer._buffer) <= MAX_MESSAGE_BYTES, "framer buffer beyond its limit"
             for message in messages:
+                # The integrity checks see every message (as in the client) and must never raise;
+                # the tracker gets every message too, dropped or not, so it is fuzzed on its own.
+                if self.integrity.check(message) is not None:
+                    self.result.suspects += 1
                 self.apply(message)
                 self.result.messages += 1
                 if rng.random() < 0.03:
@@ -456,7 +465,8 @@ def test_mutated_ami_streams_never_raise_and_stay_bounded() -> None:
     print(f"fuzz: {_total(results, lambda r: r.messages)} messages in {_total(results, lambda r: r.inputs)} inputs, "
           f"{_total(results, lambda r: r.ticks)} ticks, {_total(results, lambda r: r.snapshots)} snapshots, "
           f"{_total(results, lambda r: r.decisions)} decisions, "
-          f"{_total(results, lambda r: r.framing_errors)} framing errors (reconnects), 0 exceptions, "
+          f"{_total(results, lambda r: r.framing_errors)} framing errors (reconnects), "
+          f"{_total(results, lambda r: r.suspects)} dropped by the integrity checks, 0 exceptions, "
           f"{elapsed:.1f} s")
     print(f"fuzz: mutations {dict(sorted(mutations.items()))}")
     for r in results:
