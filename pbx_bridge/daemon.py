@@ -57,7 +57,7 @@ from pbx_bridge.tracker import (
     Violation,
     apply,
 )
-from pbx_bridge.trunk import TrunkHealth
+from pbx_bridge.trunk import TrunkHealth, read_trunk
 
 log = structlog.get_logger("pbx_bridge.daemon")
 
@@ -318,7 +318,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         await check_dialplan_key(client, settings, security)
         if publisher is not None:
             await publisher.publish()
-        trunk.read_detail(await client.send_action({"Action": "PJSIPShowEndpoint", "Endpoint": settings.hotline.trunk}))
+        await read_trunk(client, trunk)
         listing = await client.send_action({"Action": "CoreShowChannels"}, as_list=True)
         uniqueids = frozenset(item.get("Uniqueid") for item in listing if item.get("Event") == "CoreShowChannel")
         queue.put_nowait(ChannelSnapshot(uniqueids))

@@ -1,14 +1,17 @@
 """Passive health of the hotline trunk: Asterisk's qualify (SIP OPTIONS) state of its contact,
-read at every AMI login (PJSIPShowEndpoint) and followed through ContactStatus events."""
+read at every AMI login and followed through ContactStatus events.
+
+At login it is read with Getvar of the PJSIP_ENDPOINT / PJSIP_AOR / PJSIP_CONTACT functions
+(class `call`): PJSIPShowEndpoint needs `system`, which the AMI user must not have."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import structlog
 
+from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.ami.wire import AmiMessage
 
 log = structlog.get_logger("pbx_bridge.trunk")
@@ -43,11 +46,23 @@ class TrunkHealth:
         if event.event == "ContactStatus" and event.get("EndpointName") == self.endpoint:
             self.update(event.get("ContactStatus"), event.get("RoundtripUsec"), event.timestamp)
 
-    def read_detail(self, response: Any) -> None:
-        """Take the state from a PJSIPShowEndpoint listing (its ContactStatusDetail); an error
-        response (e.g. no such endpoint) leaves the state unknown."""
-        for item in response if isinstance(response, list) else []:
-            get = getattr(item, "get", None)
-            if get is not None and get("Event") == "ContactStatusDetail":
-                self.update(get("Status"), get("RoundtripUsec", ""), None)
-                return
+
+
+async def read_trunk(ami: AmiClient, trunk: TrunkHealth) -> None:
+    """Read the trunk's first contact's qualify state (status, round trip) from Asterisk now."""
+    async def function(expression: str) -> str:
+        reply = await ami.send_action({"Action": "Getvar", "Variable": expression})
+        if reply.get("Response") != "Success":
+            raise AmiError(f"Getvar {expression} refused: {reply.get('Message')}")
+        return str(reply.get("Value") or "")
+
+    aors = (await function(f"PJSIP_ENDPOINT({trunk.endpoint},aors)")).split(",")
+    if not aors[0]:
+        return  # no such endpoint or no AOR: the state stays unknown
+    contacts = (await function(f"PJSIP_AOR({aors[0].strip()},contact)")).split(",")
+    if not contacts[0] or not all(c.isprintable() and "," not in c and ")" not in c for c in contacts[:1]):
+        return
+    contact = contacts[0].strip()
+    status = await function(f"PJSIP_CONTACT({contact},status)")
+    rtt = await function(f"PJSIP_CONTACT({contact},rtt)")
+    trunk.update(status or "unknown", rtt, None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from panoramisk.message import Message
-
 from pbx_bridge.ami.wire import parse_message
 from pbx_bridge.trunk import TrunkHealth
 
@@ -22,14 +20,3 @@ def test_follows_the_trunks_contact_status_and_ignores_other_endpoints() -> None
     assert trunk.reachable is True
     trunk.observe(parse_message(status_event("carrier", "Unreachable", "0")))
     assert trunk.reachable is False and trunk.rtt_ms is None and trunk.since is not None
-
-
-def test_state_at_login_from_the_endpoint_listing() -> None:
-    trunk = TrunkHealth("carrier")
-    trunk.read_detail([Message({"Response": "Success", "EventList": "start"}),
-                       Message({"Event": "ContactStatusDetail", "AOR": "carrier", "Status": "Reachable",
-                                "RoundtripUsec": "857"})])
-    assert trunk.reachable is True and trunk.rtt_ms == 0.9
-    trunk.read_detail(Message({"Response": "Error", "Message": "Unable to retrieve endpoint carrier"}))
-    assert trunk.reachable is True  # an error listing changes nothing
-    assert TrunkHealth("carrier").reachable is None  # NonQualified / never said: unknown
