@@ -152,11 +152,40 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveChannel:
+    """One channel as CoreShowChannels lists it."""
+
+    channel: str
+    uniqueid: str
+    linkedid: str
+    state: str  # ChannelState: 4 Ring, 5 Ringing, 6 Up
+    caller_number: str
+    caller_name: str
+    exten: str
+    seconds: float  # Duration: how long the channel has existed
+    bridged: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelSnapshot:
-    """Tracker input: the channels Asterisk has right now (CoreShowChannels after a login)."""
+    """Tracker input: the channels Asterisk has right now (CoreShowChannels after a login), and
+    when the list was taken (`at`: the event clock's time)."""
 
     uniqueids: frozenset[str]
+    channels: tuple[LiveChannel, ...] = ()
+    at: datetime | None = None
+    since: datetime | None = None  # the login: calls that started before it lived through the gap
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsReconcile:
+    """A call ended whose events were not all seen (an AMI gap, or it began before pbx-bridge was
+    listening) and whose answer may have been missed: it is not declared missed or abandoned,
+    and raises no violation, until its CEL rows settle it. `record` is what AMI saw."""
+
+    record: CallRecord
 
 
 RecordWrite = CallStarted | CallEnded | Violation
-Decision = CallStarted | CallEnded | CallLost | Violation | HangupChannel | ProbeArrived | SecurityAlert
+Decision = (CallStarted | CallEnded | CallLost | Violation | HangupChannel | ProbeArrived | SecurityAlert
+            | NeedsReconcile)

@@ -24,6 +24,8 @@ from pbx_bridge.tracker.model import (
     Decision,
     Disposition,
     HangupChannel,
+    LiveChannel,
+    NeedsReconcile,
     ProbeArrived,
     SecurityAlert,
     Tick,
@@ -96,6 +98,10 @@ class CallState:
     inbound_ended_at: datetime | None = None
     hangup_cause: int | None = None
     hangup_cause_text: str | None = None
+    # Some of its events may have been missed (it lived through an AMI gap, or was taken in from
+    # a snapshot): unless an answer was seen, CEL settles how it ended.
+    uncertain: bool = False
+    adopted: bool = False  # taken in from a snapshot: its ring start was never seen, CEL settles it
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +185,8 @@ def apply(
     if updated.inbound_ended_at is not None and not updated.live_channels:
         calls = {k: v for k, v in state.calls.items() if k != linkedid}
         record = _record(updated, settings)
+        if updated.adopted or (updated.uncertain and updated.answered_leg is None):
+            return replace(state, calls=calls), [NeedsReconcile(record)]
         decisions: list[Decision] = [CallEnded(record, tuple(updated.legs.values()))]
         if record.within_ring_limit is False and not updated.ring_limit_reported:
             decisions.append(_ring_limit_violation(updated, record, settings))  # e.g. no tick came in time
@@ -285,7 +293,7 @@ def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tupl
     changed: dict[str, CallState] = {}
     for linkedid, call in state.calls.items():
         if (call.ring_limit_reported or call.answered_leg is not None or call.inbound_ended_at is not None
-                or call.probe_nonce is not None):
+                or call.probe_nonce is not None or call.uncertain):
             continue
         started = _ring_started_at(call)
         if started is None or started > now or _agents_stopped(call) is not None:
@@ -336,16 +344,48 @@ def _guard(event: AmiMessage, when: datetime, settings: TrackerSettings) -> list
 def _reconcile_with_snapshot(
     state: TrackerState, snapshot: ChannelSnapshot, settings: TrackerSettings
 ) -> tuple[TrackerState, list[Decision]]:
-    """After an AMI gap: forget channels that vanished unseen; a call whose caller channel
-    vanished is lost (its end was never seen)."""
+    """After every AMI login: the events of a gap are gone. A tracked call whose caller channel
+    vanished unseen is lost (CEL rebuilds it); one still live becomes uncertain (its answer may
+    have been missed); a hotline call live but untracked (it began while pbx-bridge was not
+    listening) is taken in, with its true start, uncertain too."""
     calls: dict[str, CallState] = {}
     decisions: list[Decision] = []
     for linkedid, call in state.calls.items():
         if call.inbound_uniqueid not in snapshot.uniqueids:
             decisions.append(CallLost(_record(call, settings)))
             continue
-        calls[linkedid] = replace(call, live_channels=call.live_channels & snapshot.uniqueids)
+        through_gap = snapshot.since is None or call.started_at < snapshot.since
+        calls[linkedid] = replace(call, live_channels=call.live_channels & snapshot.uniqueids,
+                                  uncertain=call.uncertain or through_gap)
+    for channel in snapshot.channels:
+        if channel.linkedid in calls or not _is_hotline_inbound(channel, settings) or snapshot.at is None:
+            continue
+        if len(calls) >= settings.max_calls:
+            break
+        adopted = _adopt(channel, [c for c in snapshot.channels if c.linkedid == channel.linkedid], snapshot.at,
+                         settings)
+        calls[adopted.linkedid] = adopted
+        decisions.append(CallStarted(_record(adopted, settings)))
     return replace(state, calls=calls), decisions
+
+
+def _is_hotline_inbound(channel: LiveChannel, settings: TrackerSettings) -> bool:
+    return (channel.uniqueid == channel.linkedid and channel.channel.startswith("PJSIP/")
+            and endpoint_of(channel.channel) == settings.trunk and channel.exten in settings.hotline_numbers)
+
+
+def _adopt(inbound: LiveChannel, family: list[LiveChannel], at: datetime, settings: TrackerSettings) -> CallState:
+    """A call in progress when pbx-bridge started listening, from CoreShowChannels: its start is
+    Asterisk's (`at` - the channel's age), its legs the other channels of its linkedid."""
+    legs = {c.uniqueid: CallLeg(linkedid=inbound.linkedid, uniqueid=c.uniqueid, channel=c.channel,
+                                endpoint=endpoint_of(c.channel))
+            for c in family if c.uniqueid != inbound.uniqueid and not c.channel.startswith("Local/")}
+    return CallState(linkedid=inbound.linkedid, inbound_uniqueid=inbound.uniqueid, did=inbound.exten,
+                     trunk=settings.trunk, caller_number=inbound.caller_number[:64],
+                     caller_name=_caller_name(inbound.caller_name[:256]),
+                     started_at=at - timedelta(seconds=max(inbound.seconds, 0.0)),
+                     legs=legs, live_channels=frozenset(c.uniqueid for c in family), uncertain=True,
+                     adopted=True)
 
 
 def _maybe_start_call(event: AmiMessage, when: datetime, settings: TrackerSettings) -> CallState | None:
