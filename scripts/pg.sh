@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A private, throwaway PostgreSQL cluster for development and tests.
 #   scripts/pg.sh start DIR PORT   create (once) and start a cluster in DIR on 127.0.0.1:PORT
-#   scripts/pg.sh stop DIR         stop it
+#   scripts/pg.sh stop DIR [MODE]  stop it (MODE: fast, the default, smart or immediate)
 # The server binaries come from Debian's postgresql package (installed if missing).
 # Runs the server as the "postgres" system user when it exists, else as "nobody",
 # since PostgreSQL refuses to run as root. Trust authentication, loopback only.
 set -euo pipefail
 
-cmd=${1:?usage: pg.sh start DIR PORT | stop DIR}
+cmd=${1:?usage: pg.sh start DIR PORT | stop DIR [fast|smart|immediate]}
 dir=$(realpath -m "${2:?state directory}")
 port=${3:-15432}
 
@@ -53,10 +53,12 @@ case "$cmd" in
     fi
     ;;
   stop)
+    mode=${3:-fast}
+    case "$mode" in fast|smart|immediate) ;; *) echo "pg.sh: stop mode must be fast, smart or immediate" >&2; exit 2 ;; esac
     if [ -f "$dir/data/PG_VERSION" ]; then
-      as_owner "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+      as_owner "$bindir/pg_ctl" -D "$dir/data" -m "$mode" -w stop >/dev/null 2>&1 || true
       echo "pg.sh: stopped PostgreSQL in $dir"
     fi
     ;;
-  *) echo "usage: pg.sh start DIR PORT | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: pg.sh start DIR PORT | stop DIR [fast|smart|immediate]" >&2; exit 2 ;;
 esac

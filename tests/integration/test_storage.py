@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import stat
@@ -13,8 +14,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from pbx_bridge.storage.journal import Journal
 from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
-from pbx_bridge.storage.writer import CallWriter, decision_from_json, decision_to_json, linkedid_of, open_private
+from pbx_bridge.storage.writer import (
+    CallWriter,
+    connect_writer,
+    decision_from_json,
+    decision_to_json,
+    linkedid_of,
+    open_private,
+)
 from pbx_bridge.tracker import CallEnded, CallLeg, CallRecord, CallStarted, Disposition, Violation, ViolationKind
 
 pytestmark = pytest.mark.integration
@@ -44,8 +53,8 @@ def leg(linkedid: str, uniqueid: str) -> CallLeg:
 
 
 async def write_all(dsn: str, decisions: list[CallStarted | CallEnded | Violation],
-                    spool: Path | None = None) -> CallWriter:
-    writer = CallWriter(lambda: asyncpg.connect(dsn), flush_interval=0.01, spool_path=spool)
+                    rejected: Path | None = None) -> CallWriter:
+    writer = CallWriter(connect_writer(dsn), flush_interval=0.01, rejected_path=rejected)
     for decision in decisions:
         writer.submit(decision)
     task = asyncio.create_task(writer.run())
@@ -105,27 +114,29 @@ async def test_strangers_strings_are_stored_exactly(scratch_dsn: str) -> None:
     assert row is not None and row["caller_name"] == NASTY and row["caller_number"] == "1'; --"
 
 
-async def test_database_down_records_are_spooled_then_replayed(scratch_dsn: str, tmp_path: Path) -> None:
-    spool = tmp_path / "spool.jsonl"
+async def test_database_down_records_stay_in_the_journal_then_are_replayed(scratch_dsn: str, tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
 
     async def unreachable() -> asyncpg.Connection:
         raise OSError("connection refused")
 
-    writer = CallWriter(unreachable, flush_interval=0.01, spool_path=spool, max_backoff=0.05)
+    writer = CallWriter(unreachable, flush_interval=0.01, journal=Journal.open(path), max_backoff=0.05)
     writer.submit(CallEnded(record("it-3"), (leg("it-3", "u1"),)))
     task = asyncio.create_task(writer.run(shutdown_timeout=0.3))
     await asyncio.sleep(0.2)
     assert writer.pending == 1 and not writer.db_up
     writer.stop()
     await asyncio.wait_for(task, 5)
-    assert len(spool.read_text().splitlines()) == 1
+    writer.close()
+    assert path.stat().st_size > 0
 
-    replaying = CallWriter(lambda: asyncpg.connect(scratch_dsn), flush_interval=0.01, spool_path=spool)
-    assert replaying.replay_spool() == 1
-    assert not spool.exists()
+    replaying = CallWriter(connect_writer(scratch_dsn), flush_interval=0.01, journal=Journal.open(path))
+    assert replaying.recover() == 1
     task = asyncio.create_task(replaying.run())
     replaying.stop()
     await asyncio.wait_for(task, 10)
+    replaying.close()
+    assert path.stat().st_size == 0  # committed: the journal is emptied
     conn = await asyncpg.connect(scratch_dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM call_legs WHERE linkedid = 'it-3'") == 1
@@ -135,12 +146,13 @@ async def test_database_down_records_are_spooled_then_replayed(scratch_dsn: str,
 
 async def test_a_record_the_database_refuses_is_kept_and_does_not_block_others(
         scratch_dsn: str, tmp_path: Path) -> None:
-    spool = tmp_path / "spool.jsonl"
+    path = tmp_path / "spool.rejected.jsonl"
     bad = CallEnded(record("it-4", rings=-1), ())  # violates CHECK (rings >= 0)
     good = CallEnded(record("it-5"), ())
-    await write_all(scratch_dsn, [bad, good], spool=spool)
-    rejected = spool.with_suffix(".rejected.jsonl").read_text().splitlines()
+    await write_all(scratch_dsn, [bad, good], rejected=path)
+    rejected = path.read_text().splitlines()
     assert [linkedid_of(decision_from_json(line)) for line in rejected] == ["it-4"]
+    assert json.loads(rejected[0])["rejected"]["sqlstate"] == "23514"
     conn = await asyncpg.connect(scratch_dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM calls WHERE linkedid IN ('it-4', 'it-5')") == 1
@@ -159,7 +171,7 @@ async def test_violations_are_written_once_however_often_replayed(scratch_dsn: s
     guard_1 = Violation(ViolationKind.OUTBOUND_ATTEMPT, T0, "it-7", (("channel", "PJSIP/carrier-1"),))
     guard_2 = Violation(ViolationKind.OUTBOUND_ATTEMPT, T0, "it-7", (("channel", "PJSIP/carrier-2"),))
     await write_all(scratch_dsn, [ring, ring, guard_1, guard_2])
-    await write_all(scratch_dsn, [ring, guard_1], spool=tmp_path / "s.jsonl")
+    await write_all(scratch_dsn, [ring, guard_1], rejected=tmp_path / "s.rejected.jsonl")
     rows = await asyncpg_fetch(scratch_dsn, "SELECT kind, details FROM policy_violations "
                                             "WHERE linkedid IN ('it-6', 'it-7') ORDER BY kind, id")
     assert [r["kind"] for r in rows] == ["outbound_attempt", "outbound_attempt", "ring_limit"]
@@ -174,30 +186,28 @@ async def asyncpg_fetch(dsn: str, query: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def test_spooled_and_rejected_records_are_readable_by_the_owner_only(scratch_dsn: str, tmp_path: Path) -> None:
+async def test_journaled_and_rejected_records_are_readable_by_the_owner_only(scratch_dsn: str, tmp_path: Path) -> None:
     """Callers' numbers and names: 0600, also when the file was left with a wider mode."""
-    async def unreachable() -> asyncpg.Connection:
-        raise OSError("connection refused")
-
-    fresh, wide = tmp_path / "fresh" / "spool.jsonl", tmp_path / "wide.jsonl"
+    fresh, wide = tmp_path / "fresh" / "journal.jsonl", tmp_path / "wide.jsonl"
     wide.write_text("")
     wide.chmod(0o644)
-    wide.with_suffix(".rejected.jsonl").write_text("")
-    wide.with_suffix(".rejected.jsonl").chmod(0o666)
+    wide_rejected = tmp_path / "wide.rejected.jsonl"
+    wide_rejected.write_text("")
+    wide_rejected.chmod(0o666)
     old_umask = os.umask(0o022)
     try:
-        for spool in (fresh, wide):
-            writer = CallWriter(unreachable, flush_interval=0.01, spool_path=spool, max_backoff=0.05)
-            writer.submit(CallEnded(record(f"it-8-{spool.stem}"), ()))
-            task = asyncio.create_task(writer.run(shutdown_timeout=0.1))
+        for path in (fresh, wide):
+            writer = CallWriter(connect_writer(scratch_dsn), flush_interval=0.01, journal=Journal.open(path),
+                                rejected_path=path.with_suffix(".rejected.jsonl"))
+            writer.submit(CallEnded(record(f"it-8-{path.stem}", rings=-1), ()))  # refused: CHECK
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+            task = asyncio.create_task(writer.run())
             writer.stop()
-            await asyncio.wait_for(task, 5)
-            assert stat.S_IMODE(spool.stat().st_mode) == 0o600, spool
-        await write_all(scratch_dsn, [CallEnded(record("it-9", rings=-1), ())], spool=fresh)  # refused: CHECK
-        await write_all(scratch_dsn, [CallEnded(record("it-10", rings=-1), ())], spool=wide)
+            await asyncio.wait_for(task, 10)
+            writer.close()
     finally:
         os.umask(old_umask)
-    for rejected in (fresh.with_suffix(".rejected.jsonl"), wide.with_suffix(".rejected.jsonl")):
+    for rejected in (fresh.with_suffix(".rejected.jsonl"), wide_rejected):
         assert len(rejected.read_text().splitlines()) == 1
         assert stat.S_IMODE(rejected.stat().st_mode) == 0o600, rejected
     link = tmp_path / "link.jsonl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -79,8 +80,11 @@ class BridgeProcess:
 
 
 def derived_config(base: Path, target: Path, api_port: int, extra: str = "") -> Path:
-    """A copy of `base` whose ops API listens on `api_port` (so it can run beside the module's
-    daemon), with `extra` TOML appended (new tables only)."""
+    """A copy of `base` whose ops API listens on `api_port`, with `extra` TOML appended (new
+    tables only). So that it can run beside the module's daemon, it has its own journal (beside
+    `target`) and its own [pbx] name: pbx-bridge refuses a second daemon for the same PBX."""
     text = base.read_text().replace('listen = "127.0.0.1:18400"', f'listen = "127.0.0.1:{api_port}"')
+    text = re.sub(r'(?m)^spool_path = ".*"$', f'spool_path = "{target.parent / "spool.jsonl"}"', text)
+    text += f'\n[pbx]\nname = "sandbox-beside-{api_port}"\n'
     target.write_text(text + ("\n" + extra if extra else ""))
     return target
