@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC
 
 import pytest
 
@@ -53,8 +54,13 @@ async def test_asterisk_crash_mid_call(bridge: BridgeProcess, devenv: DevEnv) ->
     await asyncio.to_thread(bridge.wait_for, "ami_connected", 30, sessions + 1)
     lost = await asyncio.to_thread(bridge.wait_for, "call_lost_in_ami_gap", 10)
     assert linkedid in [e["linkedid"] for e in lost]
-    [row] = await fetch(devenv.dsn, "SELECT ended_at, disposition FROM calls WHERE linkedid = $1", linkedid)
-    assert row["ended_at"] is None and row["disposition"] is None  # left for reconciliation, not invented
+    # Asterisk wrote no end (no HANGUP, no LINKEDID_END in CEL): once it no longer lists the call's
+    # channels, the reconcile closes the record at the call's last CEL event, from CEL's facts.
+    await asyncio.to_thread(bridge.wait_for, "call_reconciled_from_cel", 20, linkedid=linkedid)
+    [row] = await fetch(devenv.dsn, "SELECT * FROM calls WHERE linkedid = $1", linkedid)
+    [last] = await fetch(devenv.dsn, "SELECT max(eventtime) AS at FROM cel WHERE linkedid = $1", linkedid)
+    assert (row["source"], row["disposition"], row["answered_by"]) == ("cel", "answered", "agent101")
+    assert row["ended_at"] == last["at"].replace(tzinfo=UTC)
 
     after = new_caller_number()
     async with connect_world(devenv) as world:

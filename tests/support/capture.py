@@ -5,12 +5,16 @@
 Logs in to the pbx instance as the pbx-bridge AMI user (same privileges and event
 filters as production), drives one scenario through the world instance, and writes the
 exact bytes received to DIR/SCENARIO.ami. The tracker's unit tests replay these files.
+The CEL rows Asterisk wrote for the same calls (every linkedid of the stream) go to
+DIR/../cel/SCENARIO.json, for the CEL builder's tests (they hold no key: the dialplan never
+gives CEL one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import asyncpg
+
+from pbx_bridge.ami.wire import parse_stream
+from pbx_bridge.cel.builder import CelRow
 from pbx_bridge.dialplan import b64, event_key
 from tests.support.env import DevEnv, load_devenv
 from tests.support.sip import SHORT_INJECTION_USER, SipPeer
@@ -106,7 +114,63 @@ async def attack_callerid_injection(world: World, env: DevEnv) -> None:
     await asyncio.to_thread(invite)
 
 
+async def adopted_mid_call(world: World, env: DevEnv) -> None:
+    """A call already ringing when pbx-bridge logs in (LATE_LOGIN): agent101 answers at 8 s."""
+    await world.set_phone("13800000031", "agent101", answer(8, 3))
+    await world.set_phone("13800000031", "agent102", IGNORE)
+    await world.call(HOTLINE, "13800000031", "早到的来电")
+
+
+PROBE_NONCE = "0123456789abcdef"
+# Test DIDs of the sandbox's other-dialplan shapes (docker/asterisk/pbx-site/extensions_site.conf.in):
+# not hotline numbers of the sandbox configuration; the CEL builder's tests add them.
+SITE_QUEUE = "4008009001"
+SITE_RINGGROUP = "4008009002"
+SITE_ANSWER_VOICEMAIL = "4008009003"
+SITE_MEMBER_VOICEMAIL = "4008009004"
+SITE_DIDS = frozenset({SITE_QUEUE, SITE_RINGGROUP, SITE_ANSWER_VOICEMAIL, SITE_MEMBER_VOICEMAIL})
+
+
+async def probe_arrived(world: World, env: DevEnv) -> None:
+    """A line probe coming back on the hotline with the one-time nonce pbx-bridge set just before."""
+    async with connect_pbx_admin(env) as pbx:
+        await pbx.set_global("PROBE_NONCE", PROBE_NONCE)
+    await world.call(HOTLINE, str(env.sandbox["probe_caller"]), PROBE_NONCE)
+
+
+async def site_queue_answered(world: World, env: DevEnv) -> None:
+    """Queue() rings both members; agent102 answers after 3 s."""
+    await world.set_phone("13800000041", "agent101", IGNORE)
+    await world.set_phone("13800000041", "agent102", answer(3, 2))
+    await world.call(SITE_QUEUE, "13800000041", "排队来电")
+
+
+async def site_ringgroup_answered(world: World, env: DevEnv) -> None:
+    """A ring group of Local/ channel pairs; agent101 answers after 4 s."""
+    await world.set_phone("13800000042", "agent101", answer(4, 2))
+    await world.set_phone("13800000042", "agent102", IGNORE)
+    await world.call(SITE_RINGGROUP, "13800000042", "振铃组来电")
+
+
+async def site_answer_voicemail(world: World, env: DevEnv) -> None:
+    """Nobody answers the ring group in 5 s; the PBX answers the caller, who leaves a message."""
+    await world.set_phone("13800000043", "agent101", IGNORE)
+    await world.set_phone("13800000043", "agent102", IGNORE)
+    await world.call(SITE_ANSWER_VOICEMAIL, "13800000043", "先接听后留言", talk=4)
+
+
+async def site_member_voicemail(world: World, env: DevEnv) -> None:
+    """agent101 does not answer in 5 s; its Local/ half answers and takes a message."""
+    await world.set_phone("13800000044", "agent101", IGNORE)
+    await world.call(SITE_MEMBER_VOICEMAIL, "13800000044", "分机留言", talk=3)
+
+
+# Scenarios whose recording starts this many seconds after the call was placed: the pbx-bridge
+# user logs in then and lists the live channels (CoreShowChannels), as the daemon does.
+LATE_LOGIN = {"adopted_mid_call": 3.0}
+
 SCENARIOS: dict[str, tuple[Scenario, float]] = {
+    "adopted_mid_call": (adopted_mid_call, 12),
     "attack_callerid_injection": (attack_callerid_injection, 2),
     "answered_7s_talk_4s": (answered_7s_talk_4s, 14),
     "answered_17s": (answered_17s, 22),
@@ -118,6 +182,11 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "after_hours_voicemail": (after_hours_voicemail, 32),
     "outbound_refused": (outbound_refused, 4),
     "outbound_leaked": (outbound_leaked, 5),
+    "probe_arrived": (probe_arrived, 4),
+    "site_queue_answered": (site_queue_answered, 8),
+    "site_ringgroup_answered": (site_ringgroup_answered, 9),
+    "site_answer_voicemail": (site_answer_voicemail, 11),
+    "site_member_voicemail": (site_member_voicemail, 11),
 }
 CLOSED = {"after_hours_forwarded", "after_hours_voicemail"}  # captured with the routing state "closed"
 
@@ -133,22 +202,33 @@ async def set_routing_state(env: DevEnv, open_: bool) -> None:
 async def capture(env: DevEnv, name: str, out: Path) -> None:
     """Record everything the pbx-bridge AMI user receives while one scenario runs."""
     scenario, seconds = SCENARIOS[name]
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(str(env.sandbox["pbx_ami_port"])))
-    secret = str(env.sandbox["pbx_ami_secret"])
-    writer.write(f"Action: Login\r\nUsername: {env.sandbox['pbx_ami_user']}\r\nSecret: {secret}\r\n"
-                 "ActionID: capture-login\r\n\r\n".encode())
-    await writer.drain()
     chunks: list[bytes] = []
 
-    async def record() -> None:
-        while data := await reader.read(65536):
-            chunks.append(data)
+    async def login() -> tuple[asyncio.StreamWriter, asyncio.Task[None]]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(str(env.sandbox["pbx_ami_port"])))
+        secret = str(env.sandbox["pbx_ami_secret"])
+        writer.write(f"Action: Login\r\nUsername: {env.sandbox['pbx_ami_user']}\r\nSecret: {secret}\r\n"
+                     "ActionID: capture-login\r\n\r\n".encode())
+        if name in LATE_LOGIN:  # as the daemon does after every login: list the live channels
+            writer.write(b"Action: CoreShowChannels\r\nActionID: capture-snapshot\r\n\r\n")
+        await writer.drain()
+
+        async def record() -> None:
+            while data := await reader.read(65536):
+                chunks.append(data)
+
+        return writer, asyncio.create_task(record())
 
     await set_routing_state(env, open_=name not in CLOSED)
-    recorder = asyncio.create_task(record())
+    first_cel = await _last_cel_id(env)
+    if name not in LATE_LOGIN:
+        writer, recorder = await login()
     async with connect_world(env) as world:
         await asyncio.sleep(0.5)
         await scenario(world, env)
+        if name in LATE_LOGIN:
+            await asyncio.sleep(LATE_LOGIN[name])
+            writer, recorder = await login()
         await asyncio.sleep(seconds)
     recorder.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -158,6 +238,34 @@ async def capture(env: DevEnv, name: str, out: Path) -> None:
     stream = b"".join(chunks).replace(key, FIXTURE_EVENT_KEY.encode())
     (out / f"{name}.ami").write_bytes(stream)
     print(f"captured {name}: {len(stream)} bytes, {stream.count(b'Event: ')} events")
+    await asyncio.sleep(1)  # cel_pgsql writes the last rows of the calls
+    linkedids = {m.get("Linkedid") for m in parse_stream(stream)} - {""}
+    rows = await _cel_rows(env, first_cel, linkedids)
+    text = json.dumps([row.to_json() for row in rows], ensure_ascii=False, indent=1)
+    assert key.decode() not in text, "the dialplan's event key must never reach CEL"
+    cel = out.parent / "cel"
+    cel.mkdir(exist_ok=True)
+    (cel / f"{name}.json").write_text(text + "\n", encoding="utf-8")
+    print(f"captured {name}: {len(rows)} CEL rows of {len({r.linkedid for r in rows})} calls")
+
+
+async def _last_cel_id(env: DevEnv) -> int:
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM cel"))
+    finally:
+        await conn.close()
+
+
+async def _cel_rows(env: DevEnv, after_id: int, linkedids: set[str]) -> list[CelRow]:
+    """The CEL rows of these calls written since `after_id`, in the order Asterisk wrote them."""
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        rows = await conn.fetch("SELECT * FROM cel WHERE id > $1 AND linkedid = ANY($2::text[]) ORDER BY id",
+                                after_id, sorted(linkedids))
+    finally:
+        await conn.close()
+    return [CelRow.from_mapping(row) for row in rows]
 
 
 async def main() -> None:
