@@ -54,7 +54,8 @@ fuzz: $(STAMP)
 	PBX_BRIDGE_FUZZ_MESSAGES=1000000 PBX_BRIDGE_FUZZ_SEED=$${PBX_BRIDGE_FUZZ_SEED:-$$(date +%s)} \
 		$(BIN)/pytest -q -s tests/unit/test_fuzz_ami.py
 
-## fixtures: re-capture the AMI streams under tests/fixtures/ami from the sandbox
+## fixtures: re-capture the AMI streams under tests/fixtures/ami, and the CEL rows of the same calls
+## under tests/fixtures/cel, from the sandbox
 fixtures: env
 	$(BIN)/python tests/support/capture.py tests/fixtures/ami
 

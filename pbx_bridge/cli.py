@@ -1,4 +1,4 @@
-"""The `pbx-bridge` command line: run, migrate, check-config, probe, dialplan, report."""
+"""The `pbx-bridge` command line: run, migrate, check-config, probe, dialplan, report, reconcile."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 import time
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from pathlib import Path
 
 import asyncpg
@@ -20,6 +20,7 @@ from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
 from pbx_bridge.storage.settings import publish_settings
 
 EXIT_CONFIG = 2
+EXIT_ALREADY_RUNNING = 2  # another pbx-bridge holds this PBX's lock (or this journal)
 EXIT_FAILURE = 1
 
 
@@ -48,7 +49,34 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--email", action="store_true",
                         help="mail it to [report] recipients instead ([report] format, the CSV attached)")
     report.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    reconcile = commands.add_parser(
+        "reconcile", parents=[common],
+        help="build or complete, from the cel table, the records of hotline calls in a range that lack a final one")
+    reconcile.add_argument("--since", required=True, type=_moment, metavar="T",
+                           help="calls that started at or after T: ISO 8601 (local time of the configured "
+                                "zone without an offset), or a time ago such as 90m, 6h, 2d")
+    reconcile.add_argument("--until", type=_moment, metavar="T", help="and before T (default: now)")
+    reconcile.add_argument("--dry-run", action="store_true", help="print what would be done, write nothing")
     return parser
+
+
+def _moment(text: str) -> str:
+    """argparse type: checked here, resolved against the configured time zone later."""
+    if _parse_moment(text, UTC, datetime.now(UTC)) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO 8601 time nor a time ago like 6h")
+    return text
+
+
+def _parse_moment(text: str, zone: tzinfo, now: datetime) -> datetime | None:
+    """An ISO 8601 date or time (in `zone` without an offset), or `<n>m|h|d` before `now`."""
+    unit = {"m": 60, "h": 3600, "d": 86400}.get(text[-1:])
+    if unit is not None and text[:-1].isascii() and text[:-1].isdigit():
+        return now - timedelta(seconds=int(text[:-1]) * unit)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return when.replace(tzinfo=zone) if when.tzinfo is None else when
 
 
 def _iso_day(text: str) -> date:
@@ -82,7 +110,7 @@ def _check_config(settings: Settings) -> None:
         print(f"  WARNING         the holiday calendar has no data for {now.year}: weekly hours only "
               "(upgrade the chinesecalendar package)")
     print(f"  ops API         {settings.api.listen}")
-    print(f"  spool           {settings.database.spool_path}")
+    print(f"  journal         {settings.database.journal_file} (rejected records: {settings.database.rejected_file})")
 
 
 EXIT_PROBE_FAILED = 1
@@ -181,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "report":
             raise SystemExit(asyncio.run(_report(settings, args.date, args.format or "text", args.email,
                                                  args.output)))
+        elif args.command == "reconcile":
+            raise SystemExit(asyncio.run(_reconcile(settings, args.since, args.until, args.dry_run)))
     except (MigrationError, OSError, asyncpg.PostgresError) as exc:
         print(f"pbx-bridge {args.command}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_FAILURE) from None
@@ -232,6 +262,41 @@ async def _report(settings: Settings, day: date | None, fmt: str, email: bool, o
     return 0
 
 
+async def _reconcile(settings: Settings, since_text: str, until_text: str | None, dry_run: bool) -> int:
+    """Rebuild from CEL the hotline calls of a range that lack a final record; print each call's fate."""
+    from pbx_bridge.cel.reconcile import reconcile, tracker_settings_for
+
+    now = datetime.now(UTC)
+    since = _parse_moment(since_text, settings.zone, now)
+    until = _parse_moment(until_text, settings.zone, now) if until_text else now
+    assert since is not None and until is not None  # checked by argparse
+    if until <= since:
+        print("pbx-bridge reconcile: --until must be after --since", file=sys.stderr)
+        return EXIT_CONFIG
+    conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
+    try:
+        outcomes = await reconcile(conn, tracker_settings_for(settings), since, until, dry_run=dry_run)
+    finally:
+        await conn.close()
+    zone = settings.zone
+    span = f"{since.astimezone(zone):%Y-%m-%d %H:%M:%S} .. {until.astimezone(zone):%Y-%m-%d %H:%M:%S}"
+    print(f"hotline calls started {span} ({settings.timezone}): {len(outcomes)} in CEL"
+          f"{' (dry run: nothing written)' if dry_run else ''}")
+    would = {"created": "would create", "completed": "would complete", "replaced": "would replace"}
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        action = would.get(outcome.action, outcome.action) if dry_run else outcome.action
+        counts[action] = counts.get(action, 0) + 1
+        record = outcome.call.record if outcome.call is not None else None
+        what = ""
+        if record is not None:
+            what = (f"{record.started_at.astimezone(zone):%Y-%m-%d %H:%M:%S}  {record.caller_number or '-':<14} "
+                    f"{record.disposition or 'in progress'}  ")
+        print(f"  {action:<14} {outcome.linkedid:<28} {what}({outcome.reason})")
+    print("summary: " + (", ".join(f"{action} {n}" for action, n in counts.items()) or "nothing to do"))
+    return 0
+
+
 def _write_atomically(target: Path, text: str, encoding: str) -> None:
     """Write `text` next to `target`, then rename it over `target` (readers never see half a file; mode 0600)."""
     import os
@@ -249,10 +314,17 @@ def _write_atomically(target: Path, text: str, encoding: str) -> None:
 
 def _run(settings: Settings, log: structlog.typing.FilteringBoundLogger) -> None:
     from pbx_bridge.daemon import run_daemon
+    from pbx_bridge.storage.leader import AlreadyRunningError
 
+    refused: str | None = None
     try:
         asyncio.run(run_daemon(settings))
+    except* AlreadyRunningError as group:  # a second pbx-bridge for this PBX: one line, exit 2
+        refused = str(group.exceptions[0])
     except* Exception as group:  # a daemon task failed: log every failure, exit non-zero
         for exc in group.exceptions:
             log.error("pbx_bridge_failed", error=repr(exc), exc_info=exc)
         raise SystemExit(EXIT_FAILURE) from None
+    if refused is not None:
+        print(f"pbx-bridge run: {refused}", file=sys.stderr)
+        raise SystemExit(EXIT_ALREADY_RUNNING)

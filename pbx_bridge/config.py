@@ -74,7 +74,8 @@ class AmiSettings(Section):
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     ping_interval_seconds: float = Field(default=10.0, gt=0)
     ping_timeout_seconds: float = Field(default=5.0, gt=0)
-    reconnect_max_seconds: float = Field(default=30.0, gt=0)
+    # Loopback reconnects are cheap: at most this long after AMI is reachable again (2 s goal).
+    reconnect_max_seconds: float = Field(default=1.5, gt=0)
 
     @model_validator(mode="after")
     def _one_secret(self) -> Self:
@@ -98,9 +99,23 @@ class DatabaseSettings(Section):
     dsn: SecretStr
     batch_size: int = Field(default=200, ge=1, le=10_000)
     flush_interval_seconds: float = Field(default=0.2, gt=0, le=10)
-    queue_limit: int = Field(default=100_000, ge=100)
-    # Records still unwritten at shutdown (database down) are kept here and replayed at start.
+    queue_limit: int = Field(default=100_000, ge=100)  # records held in memory; beyond: in the journal only
+    # Every decided record is journaled here until PostgreSQL committed it (default: journal.jsonl
+    # beside spool_path). spool_path itself is only read once at start (earlier versions' spool).
+    journal_path: Path | None = None
+    journal_max_bytes: int = Field(default=256 << 20, ge=64 << 10)
     spool_path: Path = Path("/var/lib/pbx-bridge/spool.jsonl")
+    statement_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    @property
+    def journal_file(self) -> Path:
+        """Where the journal is: journal_path, else journal.jsonl beside spool_path."""
+        return self.journal_path or self.spool_path.with_name("journal.jsonl")
+
+    @property
+    def rejected_file(self) -> Path:
+        """Where records PostgreSQL refuses as bad data are kept (<spool_path>.rejected.jsonl, as before)."""
+        return self.spool_path.with_suffix(".rejected.jsonl")
 
     @field_validator("dsn")
     @classmethod
@@ -108,6 +123,14 @@ class DatabaseSettings(Section):
         if not value.get_secret_value().startswith(("postgres://", "postgresql://")):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+
+class PbxSettings(Section):
+    """[pbx]: which PBX this is. One pbx-bridge per PBX and database (a PostgreSQL advisory lock on
+    this name; unset: the AMI address, with this machine's host name when AMI is on loopback)."""
+
+    # pydantic's (Rust) regex: `$` is the very end, a final newline does not match.
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@/-]+$")
 
 
 class HotlineSettings(Section):
@@ -506,6 +529,17 @@ class ReportSettings(Section):
     _check_clock = field_validator("daily_at")(_clock_time)
 
 
+class ReconcileSettings(Section):
+    """[reconcile]: rebuilding from CEL the records of hotline calls AMI did not see end (at start,
+    after every AMI login, and every interval; `pbx-bridge reconcile` does it for a range)."""
+
+    enabled: bool = True
+    interval_seconds: float = Field(default=60.0, ge=1, le=3600)
+    lookback_hours: float = Field(default=24.0, gt=0, le=24 * 31)  # how far back each pass looks
+    # A call that ended less than this ago is left to its AMI record, which is on its way.
+    settle_seconds: float = Field(default=10.0, ge=0, le=600)
+
+
 class LogSettings(Section):
     """[log]: log level and format (JSON when not on a terminal, unless set)."""
 
@@ -520,6 +554,7 @@ class Settings(Section):
     ami: AmiSettings
     database: DatabaseSettings
     hotline: HotlineSettings
+    pbx: PbxSettings = PbxSettings()
     ring: RingSettings = RingSettings()
     hours: HoursSettings = HoursSettings()
     duty: DutySettings = DutySettings()
@@ -529,6 +564,7 @@ class Settings(Section):
     call_sheet: CallSheetSettings = CallSheetSettings()
     smtp: SmtpSettings = SmtpSettings()
     report: ReportSettings = ReportSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("timezone")

@@ -2,7 +2,8 @@
 
 Every task belongs to one TaskGroup: if any fails, the others are cancelled and the
 failure is raised, never lost. SIGTERM/SIGINT start a bounded graceful shutdown: stop
-reading AMI, let the tracker finish the queued events, flush (or spool) the records.
+reading AMI, let the tracker finish the queued events, write what the bound allows (the rest
+stays in the journal). A second daemon for the same PBX refuses to start (storage/leader.py).
 """
 
 from __future__ import annotations
@@ -32,16 +33,20 @@ from pbx_bridge.api import (
     database_component,
     serve,
 )
+from pbx_bridge.cel.reconcile import Reconciler
 from pbx_bridge.config import Settings
 from pbx_bridge.dialplan import event_key, event_key_id
+from pbx_bridge.eventclock import EventClock
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.notes import COMPLAINT_OVERDUE, ComplaintWatch
 from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
 from pbx_bridge.report import DailyReportScheduler
 from pbx_bridge.routing import Clock, RoutingPublisher
 from pbx_bridge.security import SecurityReporter
+from pbx_bridge.storage.journal import Journal
+from pbx_bridge.storage.leader import hold_pbx_lock, pbx_identity
 from pbx_bridge.storage.settings import keep_settings_published
-from pbx_bridge.storage.writer import CallWriter
+from pbx_bridge.storage.writer import CallWriter, connect_writer
 from pbx_bridge.tracker import (
     CallEnded,
     CallLost,
@@ -49,6 +54,8 @@ from pbx_bridge.tracker import (
     ChannelSnapshot,
     Decision,
     HangupChannel,
+    LiveChannel,
+    NeedsReconcile,
     ProbeArrived,
     SecurityAlert,
     Tick,
@@ -74,8 +81,7 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
     async def writer_check() -> tuple[bool, dict[str, Any]]:
         since = writer.oldest_pending_since
         lag = None if since is None else round(time.monotonic() - since, 1)
-        return lag is None or lag < 30, {"pending": writer.pending, "lag_seconds": lag,
-                                         "spooled": settings.database.spool_path.exists(), "dropped": writer.dropped}
+        return writer.healthy and (lag is None or lag < 30), {"lag_seconds": lag, **writer.status()}
 
     async def calendar_check() -> tuple[bool, dict[str, Any]]:
         today = datetime.now(settings.zone).date()
@@ -115,7 +121,11 @@ async def check_dialplan_key(ami: AmiClient, settings: Settings, security: Secur
     """After a login: does the running dialplan carry our event key? (Compared by fingerprint.)
     If not, every stage event would be dropped as forged: say so loudly."""
     expected = event_key_id(event_key(settings.ami.resolved_secret().get_secret_value()))
-    reply = await ami.send_action({"Action": "Getvar", "Variable": "PBX_BRIDGE_EVENT_KEY_ID"})
+    try:
+        reply = await ami.send_action({"Action": "Getvar", "Variable": "PBX_BRIDGE_EVENT_KEY_ID"})
+    except AmiError as exc:
+        log.warning("dialplan_key_not_checked", error=str(exc))
+        return
     security.dialplan_key_ok = reply.get("Value") == expected
     if not security.dialplan_key_ok:
         log.error("dialplan_key_mismatch", effect="the dialplan's UserEvents are dropped as forged",
@@ -165,6 +175,11 @@ def _log_decision(decision: Decision) -> None:
     if isinstance(decision, ProbeArrived):
         log.info("line_probe_arrived", nonce=decision.nonce, linkedid=decision.linkedid)
         return
+    if isinstance(decision, NeedsReconcile):
+        log.warning("call_needs_reconcile", linkedid=decision.record.linkedid, did=decision.record.did,
+                    caller=decision.record.caller_number,
+                    reason="some of its events were missed and no answer was seen: CEL settles how it ended")
+        return
     record = decision.record
     if isinstance(decision, CallStarted):
         log.info("call_started", linkedid=record.linkedid, did=record.did, caller=record.caller_number)
@@ -182,11 +197,40 @@ TrackerInput = AmiMessage | ChannelSnapshot | Tick | None
 TICK_SECONDS = 0.25
 
 
-async def tick(queue: asyncio.Queue[TrackerInput], stop: asyncio.Event) -> None:
-    """Feed the wall clock to the tracker, so limits pass on time while no event arrives."""
+async def tick(queue: asyncio.Queue[TrackerInput], stop: asyncio.Event, clock: EventClock,
+               synced: Callable[[], bool]) -> None:
+    """Feed the time to the tracker, so limits pass on time while no event arrives. The time is
+    Asterisk's (the last channel event's, carried forward monotonically), never the wall clock's.
+    No tick while AMI is down or before the tracker has the channel snapshot that follows a
+    login: a call answered in the gap must not look like one still ringing."""
     while not stop.is_set():
-        queue.put_nowait(Tick(datetime.now(UTC)))
+        if synced():
+            queue.put_nowait(Tick(clock.now()))
         await wait_set(stop, TICK_SECONDS)
+
+
+def channel_snapshot(listing: list[Any], at: datetime, since: datetime) -> ChannelSnapshot:
+    """The tracker's view of a CoreShowChannels reply."""
+    channels = []
+    for item in listing:
+        if item.get("Event") != "CoreShowChannel":
+            continue
+        channels.append(LiveChannel(
+            channel=str(item.get("Channel") or ""), uniqueid=str(item.get("Uniqueid") or ""),
+            linkedid=str(item.get("Linkedid") or ""), state=str(item.get("ChannelState") or ""),
+            caller_number=str(item.get("CallerIDNum") or ""), caller_name=str(item.get("CallerIDName") or ""),
+            exten=str(item.get("Exten") or ""), seconds=_duration(str(item.get("Duration") or "")),
+            bridged=bool(item.get("BridgeId"))))
+    return ChannelSnapshot(frozenset(c.uniqueid for c in channels), tuple(channels), at, since)
+
+
+def _duration(text: str) -> float:
+    """CoreShowChannels' `Duration: HH:MM:SS` in seconds (0 if unreadable)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        return 0.0
+    hours, minutes, seconds = (int(p) for p in parts)
+    return float(hours * 3600 + minutes * 60 + seconds)
 
 
 async def guard(hangups: asyncio.Queue[HangupChannel | None], ami: AmiClient, out: Outputs) -> None:
@@ -239,6 +283,15 @@ def record_violation(violation: Violation, out: Outputs) -> None:
     out.alerter.submit(alert_of(violation))
 
 
+def reconciled_violation(violation: Violation, metrics: Metrics, alerter: Alerter) -> None:
+    """A breach only CEL showed (AMI did not see the call end), already written by the reconcile:
+    log, count and alert it like any other."""
+    log.error("policy_violation", kind=str(violation.kind), linkedid=violation.linkedid,
+              occurred_at=violation.occurred_at.isoformat(), source="cel", **dict(violation.details))
+    metrics.violations.labels(str(violation.kind)).inc()
+    alerter.submit(alert_of(violation))
+
+
 def alert_of(violation: Violation) -> dict[str, object]:
     """The webhook payload of a rule breach."""
     return {"service": "pbx-bridge", "kind": str(violation.kind), "linkedid": violation.linkedid,
@@ -274,8 +327,8 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
                 if out.probes is not None:
                     out.probes.arrived(decision)
                 continue
-            if isinstance(decision, CallLost | HangupChannel):
-                continue  # a hangup's violation is recorded once Asterisk confirmed its target
+            if isinstance(decision, CallLost | HangupChannel | NeedsReconcile):
+                continue  # a hangup's violation is recorded once Asterisk confirmed its target; CEL settles the rest
             out.writer.submit(decision)
             if isinstance(decision, CallEnded) and not decision.record.is_probe:
                 out.metrics.calls.labels(str(decision.record.disposition)).inc()
@@ -292,19 +345,23 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         loop.add_signal_handler(sig, stop.set)
 
     dsn = settings.database.dsn.get_secret_value()
+    # First of all: refuse to be a second pbx-bridge for this PBX (AlreadyRunningError: exit 2).
+    pbx_lock = await hold_pbx_lock(dsn, pbx_identity(settings.ami.host, settings.ami.port, settings.pbx.name))
 
     async def connect() -> asyncpg.Connection:
         conn: asyncpg.Connection = await asyncpg.connect(dsn)
         return conn
 
     writer = CallWriter(
-        connect,
+        connect_writer(dsn, settings.database.statement_timeout_seconds),
         batch_size=settings.database.batch_size,
         flush_interval=settings.database.flush_interval_seconds,
         queue_limit=settings.database.queue_limit,
-        spool_path=settings.database.spool_path,
+        journal=Journal.open(settings.database.journal_file, max_bytes=settings.database.journal_max_bytes),
+        rejected_path=settings.database.rejected_file,
+        statement_timeout=settings.database.statement_timeout_seconds,
     )
-    writer.replay_spool()
+    writer.recover(legacy_spool=settings.database.spool_path)
     queue: asyncio.Queue[TrackerInput] = asyncio.Queue()
     hangups: asyncio.Queue[HangupChannel | None] = asyncio.Queue()
     shutting_down = asyncio.Event()
@@ -315,22 +372,37 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     async def after_login(client: AmiClient) -> None:
         """After every login: publish the routing state, read the trunk's qualify state, and tell
         the tracker which channels exist (events may have been missed while disconnected)."""
+        since = event_clock.now()
+        listing = await client.send_action({"Action": "CoreShowChannels"}, as_list=True)
+        snapshot = channel_snapshot(listing, event_clock.now(), since)
+        queue.put_nowait(snapshot)
+        synced_session[0] = client.sessions  # the tracker knows what the gap hid: ticks may resume
+        log.info("channels_snapshot", channels=len(snapshot.uniqueids))
+        reconciler.after_login(snapshot.uniqueids, snapshot.at or datetime.now(UTC))  # ends the gap hid
+        for linkedid in live.state.calls:  # in progress across the gap: AMI may have missed some of their events
+            reconciler.rebuild(linkedid)
         await check_dialplan_key(client, settings, security)
         if publisher is not None:
             await publisher.publish()
         await read_trunk(client, trunk)
-        listing = await client.send_action({"Action": "CoreShowChannels"}, as_list=True)
-        uniqueids = frozenset(item.get("Uniqueid") for item in listing if item.get("Event") == "CoreShowChannel")
-        queue.put_nowait(ChannelSnapshot(uniqueids))
-        log.info("channels_snapshot", channels=len(uniqueids))
 
     metrics = Metrics()
     alerter = Alerter(settings.alerts.webhook_url, metrics, timeout=settings.alerts.webhook_timeout_seconds,
                       attempts=settings.alerts.webhook_attempts)
     security = SecurityReporter(alerter, metrics)
+    writer.report_to(metrics, alerter.submit)
+    event_clock = EventClock()
+    synced_session = [0]  # the AMI session whose channel snapshot the tracker has
+
+    def on_event(message: AmiMessage) -> None:
+        """Into the tracker's queue; a channel event (unforgeable: a whole snapshot) sets the clock."""
+        if "uniqueid" in message and (at := message.timestamp) is not None:
+            event_clock.observe(at)
+        queue.put_nowait(message)
+
     ami = AmiClient(
         host=settings.ami.host, port=settings.ami.port, username=settings.ami.username,
-        secret=settings.ami.resolved_secret().get_secret_value(), on_event=queue.put_nowait,
+        secret=settings.ami.resolved_secret().get_secret_value(), on_event=on_event,
         connect_timeout=settings.ami.connect_timeout_seconds,
         ping_interval=settings.ami.ping_interval_seconds, ping_timeout=settings.ami.ping_timeout_seconds,
         reconnect_max=settings.ami.reconnect_max_seconds, on_session=after_login, on_suspicion=security.suspicion,
@@ -353,6 +425,10 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     complaints = ComplaintWatch(connect, settings.call_sheet.complaint_reply_minutes,
                                 settings.call_sheet.sweep_interval_seconds,
                                 lambda: datetime.now(UTC), complaint_overdue)  # call times are real time
+    reconciler = Reconciler(connect, tracker_settings(settings), interval=settings.reconcile.interval_seconds,
+                            lookback=timedelta(hours=settings.reconcile.lookback_hours),
+                            settle=timedelta(seconds=settings.reconcile.settle_seconds),
+                            on_violation=lambda violation: reconciled_violation(violation, metrics, alerter))
     outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security)
     api_database = ApiDatabase(dsn)  # the API's own small pool: requests never starve the writer
     api = create_app(ApiContext(
@@ -372,13 +448,18 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             tasks.create_task(consume(queue, tracker_settings(settings), outputs), name="tracker")
             tasks.create_task(alerter.run(), name="alerts")
             tasks.create_task(writer.run(), name="writer")
+            tasks.create_task(pbx_lock.keep(shutting_down, alerter.submit), name="pbx-lock")
             tasks.create_task(publisher.run(), name="routing")
             tasks.create_task(guard(hangups, ami, outputs), name="guard")
-            tasks.create_task(tick(queue, shutting_down), name="ticker")
+            tasks.create_task(tick(queue, shutting_down, event_clock,
+                                   lambda: ami.connected.is_set() and synced_session[0] == ami.sessions),
+                              name="ticker")
             tasks.create_task(serve(api, host, port, shutting_down.wait), name="api")
             tasks.create_task(keep_settings_published(connect, settings, shutting_down), name="settings")
             tasks.create_task(complaints.run(), name="complaints")
             tasks.create_task(reports.run(), name="daily-report")
+            if settings.reconcile.enabled:
+                tasks.create_task(reconciler.run(), name="reconcile")
             if probes is not None and scheduler is not None:
                 tasks.create_task(probes.run(), name="probes")
                 tasks.create_task(scheduler.run(), name="probe-scheduler")
@@ -392,6 +473,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             alerter.stop()
             complaints.stop()
             reports.stop()
+            reconciler.stop()
             if probes is not None and scheduler is not None:
                 probes.stop()
                 scheduler.stop()
@@ -399,4 +481,5 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await pbx_lock.release()
     log.info("pbx_bridge_stopped", written=writer.written)

@@ -40,6 +40,29 @@ class Metrics:
                                      registry=self.registry)
         self.hotline_open = Gauge("pbx_bridge_hotline_open", "1 while in business hours (as published to the PBX)",
                                   registry=self.registry)
+        # The writer and its journal (storage/writer.py, storage/journal.py).
+        self.journal_writable = Gauge("pbx_bridge_journal_writable",
+                                      "1 while the journal takes records, 0 while it fails (disk full, I/O error)",
+                                      registry=self.registry)
+        self.journal_bytes = Gauge("pbx_bridge_journal_bytes", "Size of the journal file", registry=self.registry)
+        self.journal_bad_lines = Counter("pbx_bridge_journal_bad_lines",
+                                         "Journal lines skipped as torn (cut short) or corrupt", ["reason"],
+                                         registry=self.registry)
+        self.writer_on_disk_only = Gauge("pbx_bridge_writer_on_disk_only",
+                                         "Records waiting in the journal only (the in-memory queue is full)",
+                                         registry=self.registry)
+        self.writer_not_journaled = Gauge("pbx_bridge_writer_not_journaled",
+                                          "Records held in memory only (the journal cannot take them)",
+                                          registry=self.registry)
+        self.records_dropped = Counter("pbx_bridge_records_dropped",
+                                       "Records refused because memory and journal were both full (logged whole)",
+                                       registry=self.registry)
+        self.records_rejected = Counter("pbx_bridge_records_rejected",
+                                        "Records PostgreSQL refused as bad data (kept in the rejected file)",
+                                        registry=self.registry)
+        self.writer_errors = Counter("pbx_bridge_writer_errors",
+                                     "Failed database writes, by kind (transient, data, blocked)", ["kind"],
+                                     registry=self.registry)
 
     def watch(self, reconnects: Callable[[], float], lag: Callable[[], float], pending: Callable[[], float],
               trunk: Callable[[], float]) -> None:
