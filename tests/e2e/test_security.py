@@ -22,12 +22,11 @@ import pytest
 import pytest_asyncio
 
 from pbx_bridge.ami.client import AmiClient
-from pbx_bridge.ami.wire import AmiMessage
 from tests.support.calls import fetch, one_call
 from tests.support.daemon import BridgeProcess
 from tests.support.env import DevEnv, pbx_log_dir
 from tests.support.sip import INJECTION_USER, SHORT_INJECTION_USER, SipExchange, SipPeer
-from tests.support.world import IGNORE, answer, connect_world, new_caller_number
+from tests.support.world import IGNORE, ami_session, answer, connect_world, new_caller_number
 
 pytestmark = pytest.mark.e2e
 
@@ -53,19 +52,9 @@ async def last_cel_id(devenv: DevEnv) -> int:
 @pytest_asyncio.fixture
 async def daemon_ami(devenv: DevEnv) -> AsyncIterator[AmiClient]:
     """A session with pbx-bridge's own AMI credentials, as an attacker who stole them would have."""
-    def ignore(_: AmiMessage) -> None:
-        return None
-
-    client = AmiClient(host="127.0.0.1", port=int(str(devenv.sandbox["pbx_ami_port"])),
-                       username=str(devenv.sandbox["pbx_ami_user"]), secret=str(devenv.sandbox["pbx_ami_secret"]),
-                       on_event=ignore, on_suspicion=lambda _: None)
-    task = asyncio.create_task(client.run())
-    try:
-        await asyncio.wait_for(client.connected.wait(), 10)
+    async with ami_session(int(str(devenv.sandbox["pbx_ami_port"])), str(devenv.sandbox["pbx_ami_user"]),
+                           str(devenv.sandbox["pbx_ami_secret"])) as client:
         yield client
-    finally:
-        client.stop()
-        await task
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)

@@ -104,12 +104,12 @@ class PbxAdmin(World):
 
 
 @contextlib.asynccontextmanager
-async def _admin(env: DevEnv, instance: str) -> AsyncIterator[AmiClient]:
+async def ami_session(port: int, username: str, secret: str) -> AsyncIterator[AmiClient]:
+    """A logged-in AMI session on the sandbox for the duration of the block (events ignored)."""
     def ignore(_: AmiMessage) -> None:
         return None
 
-    client = AmiClient(host="127.0.0.1", port=int(str(env.sandbox[f"{instance}_ami_port"])), username="sandbox",
-                       secret=str(env.sandbox[f"{instance}_admin_secret"]), on_event=ignore,
+    client = AmiClient(host="127.0.0.1", port=port, username=username, secret=secret, on_event=ignore,
                        on_suspicion=lambda _: None)  # the harness reads all classes (VarSet of globals...)
     task = asyncio.create_task(client.run())
     try:
@@ -118,6 +118,11 @@ async def _admin(env: DevEnv, instance: str) -> AsyncIterator[AmiClient]:
     finally:
         client.stop()
         await task
+
+
+def _admin(env: DevEnv, instance: str) -> contextlib.AbstractAsyncContextManager[AmiClient]:
+    return ami_session(int(str(env.sandbox[f"{instance}_ami_port"])), "sandbox",
+                       str(env.sandbox[f"{instance}_admin_secret"]))
 
 
 @contextlib.asynccontextmanager
