@@ -78,6 +78,14 @@ class BridgeProcess:
             self._reader.join(5)
         return code
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown at all (what the journal and the reconcile must make good)."""
+        assert self._process is not None
+        self._process.kill()
+        self._process.wait(10)
+        if self._reader is not None:
+            self._reader.join(5)
+
 
 def derived_config(base: Path, target: Path, api_port: int, extra: str = "") -> Path:
     """A copy of `base` whose ops API listens on `api_port`, with `extra` TOML appended (new
