@@ -370,8 +370,10 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     trunk = TrunkHealth(settings.hotline.trunk)
 
     async def after_login(client: AmiClient) -> None:
-        """After every login: publish the routing state, read the trunk's qualify state, and tell
-        the tracker which channels exist (events may have been missed while disconnected)."""
+        """After every login: publish the routing state, tell the tracker which channels exist
+        (events may have been missed while disconnected), and read the trunk's qualify state."""
+        if publisher is not None:  # first: callers ringing in now are routed by it
+            await publisher.publish(announce=True)
         since = event_clock.now()
         listing = await client.send_action({"Action": "CoreShowChannels"}, as_list=True)
         snapshot = channel_snapshot(listing, event_clock.now(), since)
@@ -382,8 +384,6 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         for linkedid in live.state.calls:  # in progress across the gap: AMI may have missed some of their events
             reconciler.rebuild(linkedid)
         await check_dialplan_key(client, settings, security)
-        if publisher is not None:
-            await publisher.publish()
         await read_trunk(client, trunk)
 
     metrics = Metrics()

@@ -156,8 +156,11 @@ class RoutingPublisher:
             until_boundary = (boundary - now).total_seconds() + 0.05 if boundary else self._refresh
             await self._wait(max(0.05, min(self._refresh, until_boundary)))
 
-    async def publish(self) -> RoutingState:
-        """Compute the state now and write it to AstDB (open, mobile, holder, heartbeat)."""
+    async def publish(self, announce: bool = False) -> RoutingState:
+        """Compute the state now and write it as dialplan globals (open, mobile, holder, heartbeat).
+
+        Logs `routing_state_published` when the state changed, or always with `announce` (after a
+        login: Asterisk may have restarted and forgotten it)."""
         now = self._clock.now()
         rostered, overrides = await self._from_database(now)
         self._effective = self._schedule.with_overrides(overrides)
@@ -167,8 +170,8 @@ class RoutingPublisher:
         for key, value in (("open", "1" if state.open else "0"), ("mobile", state.mobile or ""),
                            ("holder_b64", b64(state.holder)), ("updated", str(int(time.time())))):
             await set_global(self._ami, STATE_GLOBALS[key], value)
-        if state != self.current:
-            log.info("routing_state_published", open=state.open, mobile=state.mobile, holder=state.holder,
+        if announce or state != self.current:
+            log.info("routing_state_published", after_login=announce, open=state.open, mobile=state.mobile, holder=state.holder,
                      reason=state.reason, business_time=now.astimezone(self._schedule.zone).isoformat())
         self.current = state
         self.published_at = time.monotonic()

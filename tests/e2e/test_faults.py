@@ -329,10 +329,14 @@ async def test_asterisk_sigkill_mid_call_and_restart(faults: Faults, devenv: Dev
         await started(bridge, [talking])
     await asyncio.sleep(3)
     sessions = len(bridge.events("ami_connected"))
+    published = len(bridge.events("routing_state_published"))
     os.kill(pbx_pid(), signal.SIGKILL)
     await asyncio.to_thread(bridge.wait_for, "ami_disconnected", 10)
     await asyncio.to_thread(restart_sandbox)
     await asyncio.to_thread(bridge.wait_for, "ami_connected", 30, sessions + 1)
+    # The restarted Asterisk forgot the routing state: until pbx-bridge publishes it again the
+    # dialplan uses its static fallback (which, at the real hour, may be closed).
+    await asyncio.to_thread(bridge.wait_for, "routing_state_published", 10, published + 1)
     after = [answered("agent102", 2, 2), answered("agent101", 3, 1), abandoned(4)]
     async with connect_world(devenv) as world:
         await place(world, devenv, after)

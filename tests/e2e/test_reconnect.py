@@ -47,11 +47,13 @@ async def talking_call(bridge: BridgeProcess, devenv: DevEnv, talk: float) -> tu
 async def test_asterisk_crash_mid_call(bridge: BridgeProcess, devenv: DevEnv) -> None:
     _, linkedid = await talking_call(bridge, devenv, talk=60)
     sessions = len(bridge.events("ami_connected"))
+    published = len(bridge.events("routing_state_published"))
 
     os.kill(pbx_pid(), signal.SIGKILL)  # no hangup events: the call's end is never seen
     await asyncio.to_thread(bridge.wait_for, "ami_disconnected", 10)
     await asyncio.to_thread(restart_sandbox)
     await asyncio.to_thread(bridge.wait_for, "ami_connected", 30, sessions + 1)
+    await asyncio.to_thread(bridge.wait_for, "routing_state_published", 10, published + 1)  # republished
     lost = await asyncio.to_thread(bridge.wait_for, "call_lost_in_ami_gap", 10)
     assert linkedid in [e["linkedid"] for e in lost]
     # Asterisk wrote no end (no HANGUP, no LINKEDID_END in CEL): once it no longer lists the call's

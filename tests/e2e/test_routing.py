@@ -171,7 +171,7 @@ async def test_a_database_override_closes_a_working_day(bridge_at: list[BridgePr
         process = BridgeProcess(devenv.config_path, business_time="2026-11-25T10:00:00+08:00")  # Wednesday
         bridge_at.append(process)
         await asyncio.to_thread(process.start)
-        [published] = process.events("routing_state_published")
+        published = process.events("routing_state_published")[-1]
         number = new_caller_number()
         await call_with_agents_and_mobile_answering(devenv, number)
         row = await one_call(devenv.dsn, number, timeout=20)
