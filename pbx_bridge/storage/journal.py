@@ -328,8 +328,11 @@ class Journal:
             self._last_seq = max(self._last_seq, seq)
         return True
 
-    def resume(self) -> None:
-        """Accept appends again (the writer has caught up what the failure held back)."""
+    def resume(self) -> bool:
+        """Accept appends again (the writer has caught up what the failure held back), if the
+        file system has room again; False (still failing) if not."""
+        if self.failure is not None and not self._has_room():
+            return False
         if self.failure is not None:
             log.info("journal_writable_again", path=str(self.path), size=self._size)
         self.failure = None
@@ -339,6 +342,21 @@ class Journal:
                 self._reset()
         else:
             self._write_ack()  # what was committed while failing
+        return True
+
+    def _has_room(self, nbytes: int = 4096) -> bool:
+        """Whether `nbytes` more can be written: reserve them past the end, then give them back."""
+        fd = self._require_fd()
+        try:
+            os.posix_fallocate(fd, self._size, nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return True  # a file system that cannot tell: the next write will
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._size)
+        return True
 
     def _fail(self, exc: OSError, doing: str) -> None:
         reason = f"{errno.errorcode.get(exc.errno or 0, 'error')}: {exc.strerror or exc}"

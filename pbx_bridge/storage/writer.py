@@ -271,6 +271,8 @@ class CallWriter:
     A decision that finds both full is dropped: logged whole at error level, counted and alerted.
     """
 
+    name = "writer"  # its task's name (lifecycle.Service)
+
     def __init__(self, connect: Connect, *, batch_size: int = 200, flush_interval: float = 0.2,
                  queue_limit: int = 100_000, journal: Journal | None = None, rejected_path: Path | None = None,
                  max_backoff: float = 10.0, statement_timeout: float = 5.0, metrics: Metrics | None = None,
@@ -767,7 +769,8 @@ class CallWriter:
             log.info("journal_caught_up", records=len(todo), path=str(journal.path))
         self._unjournaled_from = None
         if not journal.writable:
-            journal.resume()
+            if not journal.resume():
+                return False  # still no room: memory keeps holding what the journal cannot take
             self._raise("journal_writable_again", gap=0, path=str(journal.path))
         return True
 

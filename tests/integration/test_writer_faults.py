@@ -35,6 +35,7 @@ from pbx_bridge.storage.migrations import migrate, sql_dir
 from pbx_bridge.storage.writer import CallWriter, connect_writer, decision_from_dict, decision_to_json
 from pbx_bridge.tracker import CallEnded
 from tests.conftest import scratch_database
+from tests.support.disk import fill, tiny_tmpfs
 from tests.support.env import REPO, DevEnv
 from tests.support.writer_process import ended_call
 
@@ -209,29 +210,8 @@ async def test_a_torn_last_line_is_skipped_counted_and_the_rest_is_written(share
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs (root only), unmounted afterwards."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "tiny") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(directory: Path, leave: int) -> Path:
-    """Fill the file system of `directory` but for about `leave` bytes; return the filler."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
-        with contextlib.suppress(OSError):
-            os.write(fd, b"\0" * max(0, free - leave))
-    finally:
-        os.close(fd)
-    return filler
 
 
 async def test_a_full_disk_keeps_records_in_memory_alerts_and_catches_up(
@@ -282,6 +262,18 @@ async def test_a_full_disk_keeps_records_in_memory_alerts_and_catches_up(
     print(f"\nfull disk: {journaled} of 40 records journaled before ENOSPC, {held} held in memory; journal caught "
           f"up {caught_up:.2f} s after space returned; full again: {held_again} of 10 more held in memory; all 50 "
           f"rows {drained:.2f} s after the database came back (its commits emptied the journal)")
+
+
+def test_a_full_journal_is_not_called_writable_again_until_there_is_room(tiny_disk: Path) -> None:
+    journal = Journal.open(tiny_disk / "journal.jsonl")
+    filler = fill(tiny_disk, leave=0)
+    body = decision_to_json(ended_call("room-1"))
+    assert not journal.append(1, body) and not journal.writable
+    journal.ack(1)  # nothing left to journal (all committed), but still no room
+    assert journal.resume() is False and not journal.writable
+    filler.unlink()
+    assert journal.resume() is True and journal.writable and journal.append(2, body)
+    journal.close()
 
 
 # --- PostgreSQL stopped (fast, immediate) during writes --------------------------------------------------
