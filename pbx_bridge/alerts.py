@@ -19,6 +19,8 @@ log = structlog.get_logger("pbx_bridge.alerts")
 class Alerter:
     """Owns the alert queue and the task that POSTs each alert as JSON to the webhook."""
 
+    name = "alerts"  # its task's name (lifecycle.Service)
+
     def __init__(self, url: str | None, metrics: Metrics, *, timeout: float = 5.0, attempts: int = 5,
                  max_backoff: float = 30.0, queue_limit: int = 1000) -> None:
         self._url = url

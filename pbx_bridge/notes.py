@@ -192,6 +192,8 @@ async def record_overdue_complaints(conn: asyncpg.Connection, reply_minutes: flo
 class ComplaintWatch:
     """Periodically records complaints that missed their reply deadline, and alerts on each."""
 
+    name = "complaints"  # its task's name (lifecycle.Service)
+
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], reply_minutes: float,
                  interval: float, now: Callable[[], datetime],
                  on_overdue: Callable[[dict[str, Any]], None]) -> None:

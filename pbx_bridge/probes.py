@@ -99,6 +99,8 @@ class ProbeTarget:
 class ProbeRunner:
     """Owns probe execution (`run`, one owned task); `request` and `arrived` never block."""
 
+    name = "probes"  # its task's name (lifecycle.Service)
+
     def __init__(self, ami: AmiClient, target: ProbeTarget, connect: Callable[[], Awaitable[asyncpg.Connection]],
                  alerter: Alerter, metrics: Metrics, manual_min_interval: float) -> None:
         self._ami = ami
@@ -263,6 +265,8 @@ def _originate_failure(originate: asyncio.Task[Any]) -> str | None:
 
 class ProbeScheduler:
     """The `daily` and `quiet` triggers, on the business clock."""
+
+    name = "probe-scheduler"  # its task's name (lifecycle.Service)
 
     def __init__(self, runner: ProbeRunner, now: Callable[[], datetime], daily_at: str, quiet: timedelta,
                  is_open: Callable[[datetime], bool], zone: Any, last_call: Callable[[], datetime | None]) -> None:

@@ -550,6 +550,8 @@ class DailyReportScheduler:
     and retried at the next check. Without recipients it does nothing.
     """
 
+    name = "daily-report"  # its task's name (lifecycle.Service)
+
     def __init__(self, report: ReportSettings, smtp: SmtpSettings, zone: tzinfo, clock: Clock,
                  connect: Callable[[], Awaitable[asyncpg.Connection]], check_interval: float = 60.0) -> None:
         self._report = report

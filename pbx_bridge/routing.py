@@ -114,6 +114,8 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 class RoutingPublisher:
     """Keeps the AstDB routing state fresh; one owned task (`run`), plus `publish` on AMI login."""
 
+    name = "routing"  # its task's name (lifecycle.Service)
+
     def __init__(self, ami: AmiClient, schedule: Schedule, duty: DutySettings, clock: Clock, connect: Connect,
                  refresh_seconds: float, metrics: Metrics) -> None:
         self._ami = ami
@@ -171,8 +173,9 @@ class RoutingPublisher:
                            ("holder_b64", b64(state.holder)), ("updated", str(int(time.time())))):
             await set_global(self._ami, STATE_GLOBALS[key], value)
         if announce or state != self.current:
-            log.info("routing_state_published", after_login=announce, open=state.open, mobile=state.mobile, holder=state.holder,
-                     reason=state.reason, business_time=now.astimezone(self._schedule.zone).isoformat())
+            log.info("routing_state_published", after_login=announce, open=state.open, mobile=state.mobile,
+                     holder=state.holder, reason=state.reason,
+                     business_time=now.astimezone(self._schedule.zone).isoformat())
         self.current = state
         self.published_at = time.monotonic()
         self._metrics.hotline_open.set(1 if state.open else 0)

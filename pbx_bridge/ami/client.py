@@ -143,6 +143,8 @@ class AmiClient:
     an AmiError from it is logged, anything else is a bug and ends `run`.
     """
 
+    name = "ami"  # its task's name (lifecycle.Service)
+
     def __init__(self, *, host: str, port: int, username: str, secret: str, on_event: EventHandler,
                  connect_timeout: float = 5.0, ping_interval: float = 10.0, ping_timeout: float = 5.0,
                  reconnect_max: float = 30.0, on_session: SessionHook | None = None,
