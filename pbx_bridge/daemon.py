@@ -1,9 +1,9 @@
 """The pbx-bridge daemon: AMI events -> pure tracker -> batched writer, as owned tasks.
 
-Every task belongs to one TaskGroup: if any fails, the others are cancelled and the
-failure is raised, never lost. SIGTERM/SIGINT start a bounded graceful shutdown: stop
-reading AMI, let the tracker finish the queued events, write what the bound allows (the rest
-stays in the journal). A second daemon for the same PBX refuses to start (storage/leader.py).
+Every task belongs to one TaskGroup (lifecycle.run_services): if any fails, the others are
+cancelled and the failure is raised, never lost. SIGTERM/SIGINT start a bounded graceful
+shutdown: stop reading AMI, let the tracker finish the queued events, write what the bound
+allows (the rest stays in the journal). A second daemon for the same PBX refuses to start (storage/leader.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pbx_bridge.cel.reconcile import Reconciler
 from pbx_bridge.config import Settings
 from pbx_bridge.dialplan import event_key, event_key_id
 from pbx_bridge.eventclock import EventClock
+from pbx_bridge.lifecycle import Service, Task, run_services
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.notes import COMPLAINT_OVERDUE, ComplaintWatch
 from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
@@ -73,7 +74,8 @@ _STOP: Final = None
 
 def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publisher: RoutingPublisher,
                   database: ApiDatabase, trunk: TrunkHealth,
-                  reports: DailyReportScheduler, security: SecurityReporter) -> dict[str, Component]:
+                  reports: DailyReportScheduler, security: SecurityReporter,
+                  reconciler: Reconciler) -> dict[str, Component]:
     """What /healthz reports: AMI and database are critical; the rest informs."""
     async def ami_check() -> tuple[bool, dict[str, Any]]:
         return ami.connected.is_set(), {"sessions": ami.sessions, "reconnects": ami.reconnects}
@@ -104,8 +106,20 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
             "last_sent_day": sent.isoformat() if sent else None,
             "error": "failed (see the log)" if reports.last_error else None}
 
+    async def reconcile_check() -> tuple[bool, dict[str, Any]]:
+        if not settings.reconcile.enabled:
+            return True, {"enabled": False}
+        at = reconciler.last_pass_at
+        age = None if at is None else round(time.monotonic() - at, 1)
+        # Passes come every interval: three missed in a row (or an error) is worth a look.
+        fresh = age is not None and age < 3 * settings.reconcile.interval_seconds + 30
+        return reconciler.last_error is None and (fresh or at is None), {
+            "last_pass_seconds_ago": age, "passes": reconciler.passes, "rebuilt": reconciler.rebuilt,
+            "error": reconciler.last_error}
+
     return {
         "ami": ami_check,
+        "reconcile": reconcile_check,
         "trunk": trunk_check,
         "database": database_component(database),
         "writer": writer_check,
@@ -272,6 +286,7 @@ class Outputs:
     probes: ProbeRunner | None
     trunk: TrunkHealth
     security: SecurityReporter
+    reconcile: Callable[[str], None]  # rebuild this call from CEL once it has ended
 
 
 def record_violation(violation: Violation, out: Outputs) -> None:
@@ -327,7 +342,10 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
                 if out.probes is not None:
                     out.probes.arrived(decision)
                 continue
-            if isinstance(decision, CallLost | HangupChannel | NeedsReconcile):
+            if isinstance(decision, CallLost | NeedsReconcile):
+                out.reconcile(decision.record.linkedid)
+                continue
+            if isinstance(decision, HangupChannel):
                 continue  # a hangup's violation is recorded once Asterisk confirmed its target; CEL settles the rest
             out.writer.submit(decision)
             if isinstance(decision, CallEnded) and not decision.record.is_probe:
@@ -428,12 +446,14 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     reconciler = Reconciler(connect, tracker_settings(settings), interval=settings.reconcile.interval_seconds,
                             lookback=timedelta(hours=settings.reconcile.lookback_hours),
                             settle=timedelta(seconds=settings.reconcile.settle_seconds),
-                            on_violation=lambda violation: reconciled_violation(violation, metrics, alerter))
-    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security)
+                            on_violation=lambda violation: reconciled_violation(violation, metrics, alerter),
+                            metrics=metrics)
+    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security, reconciler.rebuild)
     api_database = ApiDatabase(dsn)  # the API's own small pool: requests never starve the writer
     api = create_app(ApiContext(
         metrics=metrics, live=live, database=api_database,
-        health=health_checks(settings, ami, writer, publisher, api_database, trunk, reports, security),
+        health=health_checks(settings, ami, writer, publisher, api_database, trunk, reports, security,
+                              reconciler),
         critical=frozenset({"ami", "database"}),
         tokens=settings.api.resolved_tokens(),
         mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes))
@@ -442,42 +462,31 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         log.warning("no_duty_mobile", effect="after-hours calls go to voicemail", fix="set [duty] mobile")
     log.info("pbx_bridge_starting", ami=f"{settings.ami.host}:{settings.ami.port}",
              hotline=settings.hotline.numbers, trunk=settings.hotline.trunk)
+
+    def synced() -> bool:
+        """AMI is up and the tracker has this session's channel snapshot: ticks may flow."""
+        return ami.connected.is_set() and synced_session[0] == ami.sessions
+
+    reconciling: list[Service] = [reconciler] if settings.reconcile.enabled else []
+    probing: list[Service] = [probes, scheduler] if probes is not None and scheduler is not None else []
+    services: list[Service] = [  # in stop order: producers first, the writer last
+        publisher,
+        Task("pbx-lock", lambda: pbx_lock.keep(shutting_down, alerter.submit), shutting_down.set),
+        Task("ticker", lambda: tick(queue, shutting_down, event_clock, synced), shutting_down.set),
+        Task("api", lambda: serve(api, host, port, shutting_down.wait), shutting_down.set),
+        Task("settings", lambda: keep_settings_published(connect, settings, shutting_down), shutting_down.set),
+        ami,
+        Task("tracker", lambda: consume(queue, tracker_settings(settings), outputs), lambda: queue.put_nowait(_STOP)),
+        Task("guard", lambda: guard(hangups, ami, outputs), lambda: hangups.put_nowait(None)),
+        alerter,
+        complaints,
+        reports,
+        *reconciling,
+        *probing,
+        writer,  # last: it drains what the tracker produced
+    ]
     try:
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(ami.run(), name="ami")
-            tasks.create_task(consume(queue, tracker_settings(settings), outputs), name="tracker")
-            tasks.create_task(alerter.run(), name="alerts")
-            tasks.create_task(writer.run(), name="writer")
-            tasks.create_task(pbx_lock.keep(shutting_down, alerter.submit), name="pbx-lock")
-            tasks.create_task(publisher.run(), name="routing")
-            tasks.create_task(guard(hangups, ami, outputs), name="guard")
-            tasks.create_task(tick(queue, shutting_down, event_clock,
-                                   lambda: ami.connected.is_set() and synced_session[0] == ami.sessions),
-                              name="ticker")
-            tasks.create_task(serve(api, host, port, shutting_down.wait), name="api")
-            tasks.create_task(keep_settings_published(connect, settings, shutting_down), name="settings")
-            tasks.create_task(complaints.run(), name="complaints")
-            tasks.create_task(reports.run(), name="daily-report")
-            if settings.reconcile.enabled:
-                tasks.create_task(reconciler.run(), name="reconcile")
-            if probes is not None and scheduler is not None:
-                tasks.create_task(probes.run(), name="probes")
-                tasks.create_task(scheduler.run(), name="probe-scheduler")
-            await stop.wait()
-            log.info("pbx_bridge_stopping")
-            publisher.stop()
-            shutting_down.set()
-            ami.stop()
-            queue.put_nowait(_STOP)
-            hangups.put_nowait(None)
-            alerter.stop()
-            complaints.stop()
-            reports.stop()
-            reconciler.stop()
-            if probes is not None and scheduler is not None:
-                probes.stop()
-                scheduler.stop()
-            writer.stop()
+        await run_services(services, stop, on_stopping=lambda: log.info("pbx_bridge_stopping"))
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -60,6 +60,13 @@ class Metrics:
         self.records_rejected = Counter("pbx_bridge_records_rejected",
                                         "Records PostgreSQL refused as bad data (kept in the rejected file)",
                                         registry=self.registry)
+        # The reconcile from CEL (cel/reconcile.py).
+        self.reconciled = Counter("pbx_bridge_reconciled_calls",
+                                  "Call records created or completed from CEL, by action", ["action"],
+                                  registry=self.registry)
+        self.reconcile_failures = Counter("pbx_bridge_reconcile_failures",
+                                          "Reconcile passes that failed (database unreachable, timeout)",
+                                          registry=self.registry)
         self.writer_errors = Counter("pbx_bridge_writer_errors",
                                      "Failed database writes, by kind (transient, data, blocked)", ["kind"],
                                      registry=self.registry)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,7 @@ import structlog
 from pbx_bridge.aio import wait_set, within
 from pbx_bridge.cel.builder import CelCall, CelRow, build_call
 from pbx_bridge.config import Settings
+from pbx_bridge.metrics import Metrics
 from pbx_bridge.tracker.model import CallLeg, CallRecord, Disposition, Violation
 from pbx_bridge.tracker.tracker import TrackerSettings
 
@@ -248,10 +250,13 @@ class Reconciler:
     AMI login (`after_login`), on request (`rebuild`) and every `interval` seconds, the records
     of the hotline calls of the last `lookback` that AMI did not see end."""
 
+    name = "reconcile"  # its task's name (lifecycle.Service)
+
     def __init__(self, connect: Connect, settings: TrackerSettings, *, interval: float, lookback: timedelta,
                  settle: timedelta, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_violation: Callable[[Violation], None] | None = None) -> None:
+                 on_violation: Callable[[Violation], None] | None = None, metrics: Metrics | None = None) -> None:
         self._connect = connect
+        self._metrics = metrics
         self._settings = settings
         self._interval = interval
         self._lookback = lookback
@@ -265,6 +270,7 @@ class Reconciler:
         self.passes = 0
         self.rebuilt = 0
         self.last_error: str | None = None
+        self.last_pass_at: float | None = None  # time.monotonic() of the last pass that completed
 
     def after_login(self, uniqueids: frozenset[str], at: datetime) -> None:
         """Asterisk's channels after a login (an AMI gap or a restart may have hidden ends): reconcile now."""
@@ -273,7 +279,7 @@ class Reconciler:
 
     def rebuild(self, linkedid: str) -> None:
         """Rebuild this call from CEL once it has ended, even over a final record (AMI missed some
-        of its events)."""
+        of its events). Passes then come every `settle` (not every `interval`) until it is done."""
         self._forced[linkedid] = self._clock()
         self._wake.set()
 
@@ -287,7 +293,9 @@ class Reconciler:
         while not self._stopping.is_set():
             self._wake.clear()
             await self.sweep()
-            await wait_set(self._wake, self._interval)
+            # A call waiting for its rebuild is settled as soon as its CEL end is `settle` old.
+            soon = self._settle.total_seconds() + 1 if self._forced else self._interval
+            await wait_set(self._wake, min(self._interval, soon))
 
     async def sweep(self) -> list[Outcome]:
         """One pass over the lookback; failures are logged and retried at the next pass."""
@@ -304,14 +312,19 @@ class Reconciler:
                 await conn.close()
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             self.last_error = type(exc).__name__
+            if self._metrics is not None:
+                self._metrics.reconcile_failures.inc()
             log.warning("reconcile_failed", error=str(exc) or type(exc).__name__)
             return []
         self.last_error = None
         self.passes += 1
+        self.last_pass_at = time.monotonic()
         for outcome in outcomes:
             if outcome.changed:
                 self._forced.pop(outcome.linkedid, None)
                 self.rebuilt += 1
+                if self._metrics is not None:
+                    self._metrics.reconciled.labels(outcome.action).inc()
                 _log_outcome(outcome)
                 for violation in outcome.new_violations:
                     if self._on_violation is not None:

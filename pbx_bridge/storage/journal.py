@@ -350,9 +350,8 @@ class Journal:
         try:
             os.posix_fallocate(fd, self._size, nbytes)
         except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                return True  # a file system that cannot tell: the next write will
-            return False
+            # A file system that cannot tell (no fallocate): the next write will.
+            return exc.errno in (errno.EOPNOTSUPP, errno.EINVAL)
         finally:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, self._size)
