@@ -109,8 +109,22 @@ def _check_config(settings: Settings) -> None:
     if not schedule.day(now.date()).calendar_known:
         print(f"  WARNING         the holiday calendar has no data for {now.year}: weekly hours only "
               "(upgrade the chinesecalendar package)")
+    print(f"  line probes     {_probe_line(settings)}")
+    if settings.probe_uses_hotline_trunk:
+        print(f"  WARNING         line probes dial out through the hotline trunk {settings.probe_trunk!r}, "
+              "allowed by [probe] allow_hotline_trunk;\n                  the 400 line never dials out: "
+              "name another outbound line in [probe] trunk")
     print(f"  ops API         {settings.api.listen}")
     print(f"  journal         {settings.database.journal_file} (rejected records: {settings.database.rejected_file})")
+
+
+def _probe_line(settings: Settings) -> str:
+    """Which line probes use, e.g. "via PJSIP endpoint 'pstn' to 4008001234 (caller ...); daily 08:00, ..."."""
+    if settings.probe_trunk is None:
+        return "off ([probe] caller_id not set)"
+    probe = settings.probe
+    return (f"via PJSIP endpoint {settings.probe_trunk!r} to {settings.probe_number} (caller {probe.caller_id}); "
+            f"daily {probe.daily_at}, when quiet {probe.quiet_minutes:g} min")
 
 
 EXIT_PROBE_FAILED = 1

@@ -166,6 +166,9 @@ class RingSettings(Section):
     max_rings: int = Field(default=3, ge=1, le=50)
     escalation_seconds: float = Field(default=20.0, gt=0, le=600)  # every hotline phone rings this long
     escalate_to_mobile: bool = True  # then the duty mobile, then voicemail
+    # The three-ring limit applies to the duty mobile too (seed 004: every phone): a mobile that
+    # rings past it is a `ring_limit` breach (stage mobile), raised live while it rings.
+    mobile_limit: bool = True
 
     @property
     def limit_seconds(self) -> float:
@@ -281,7 +284,11 @@ class HoursSettings(Section):
 class ProbeSettings(Section):
     """[probe]: line health test calls. Numbers come only from here, never from a request."""
 
-    trunk: str | None = None  # default: the hotline trunk
+    # The outbound line (PJSIP endpoint) probes dial out through: NOT the hotline trunk, since the
+    # 400 line never dials out. Required when probes are on, unless allow_hotline_trunk.
+    trunk: str | None = None
+    # Explicit, loudly logged opt-in to probe through the hotline trunk (the default trunk then).
+    allow_hotline_trunk: bool = False
     number: str | None = None  # default: the first hotline number
     caller_id: str | None = None  # the probe's own caller number (never a 400 number); unset: probes off
     daily_at: str = "08:00"
@@ -593,6 +600,37 @@ class Settings(Section):
             raise ValueError("probe.caller_id: must not be a hotline number (the 400 line never dials out)")
         return self
 
+    @model_validator(mode="after")
+    def _probe_trunk_is_not_the_hotline_trunk(self) -> Settings:
+        probe, hotline_trunk = self.probe, self.hotline.trunk
+        if probe.caller_id is None or probe.allow_hotline_trunk:
+            return self  # probes off, or the explicit opt-in
+        fix = "Name another outbound line (PJSIP endpoint), or set [probe] allow_hotline_trunk = true"
+        if probe.trunk is None:
+            raise ValueError(f"probe.trunk: not set, and line probes are on ([probe] caller_id); the default "
+                             f"would be the hotline trunk {hotline_trunk!r}, but the 400 line never dials out. {fix}")
+        if probe.trunk == hotline_trunk:
+            raise ValueError(f"probe.trunk: {hotline_trunk!r} is the hotline trunk ([hotline] trunk); "
+                             f"the 400 line never dials out. {fix}")
+        return self
+
+    @property
+    def probe_trunk(self) -> str | None:
+        """The outbound line that line probes dial out through (None: probes are off)."""
+        if self.probe.caller_id is None:
+            return None
+        return self.probe.trunk or self.hotline.trunk  # the hotline trunk only when allowed (validated)
+
+    @property
+    def probe_number(self) -> str:
+        """The number line probes dial: [probe] number, else the first hotline number."""
+        return self.probe.number or self.hotline.numbers[0]
+
+    @property
+    def probe_uses_hotline_trunk(self) -> bool:
+        """Line probes dial out through the hotline trunk ([probe] allow_hotline_trunk opted in)."""
+        return self.probe_trunk is not None and self.probe_trunk == self.hotline.trunk
+
 
 def config_path(cli_value: str | None) -> Path:
     """--config, else $PBX_BRIDGE_CONFIG, else /etc/pbx-bridge/pbx-bridge.toml."""
@@ -614,11 +652,12 @@ def _apply_secret_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
 def _describe(error: ValidationError) -> str:
     problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        problems.append(f"{key}: {message}")
+        # A check across sections (a Settings model validator) names its key in its message.
+        problems.append(f"{key}: {message}" if key else message)
     return "; ".join(problems)
 
 

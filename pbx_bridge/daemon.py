@@ -12,7 +12,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -33,7 +33,7 @@ from pbx_bridge.api import (
     database_component,
     serve,
 )
-from pbx_bridge.cel.reconcile import Reconciler
+from pbx_bridge.cel.reconcile import Reconciler, tracker_settings_for
 from pbx_bridge.config import Settings
 from pbx_bridge.dialplan import event_key, event_key_id
 from pbx_bridge.eventclock import EventClock
@@ -70,6 +70,7 @@ from pbx_bridge.trunk import TrunkHealth, read_trunk
 log = structlog.get_logger("pbx_bridge.daemon")
 
 _STOP: Final = None
+HOTLINE_NEVER_DIALS_OUT: Final = "the 400 line never dials out: line probes should use another outbound line"
 
 
 def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publisher: RoutingPublisher,
@@ -106,6 +107,16 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
             "last_sent_day": sent.isoformat() if sent else None,
             "error": "failed (see the log)" if reports.last_error else None}
 
+    async def probes_check() -> tuple[bool, dict[str, Any]]:
+        # Informational: probing through the hotline trunk is an explicit opt-in, shown here, never a failure.
+        trunk = settings.probe_trunk
+        if trunk is None:
+            return True, {"enabled": False}
+        detail: dict[str, Any] = {"enabled": True, "trunk": trunk, "hotline_trunk": settings.probe_uses_hotline_trunk}
+        if settings.probe_uses_hotline_trunk:
+            detail |= {"allowed_by": "[probe] allow_hotline_trunk", "warning": HOTLINE_NEVER_DIALS_OUT}
+        return True, detail
+
     async def reconcile_check() -> tuple[bool, dict[str, Any]]:
         if not settings.reconcile.enabled:
             return True, {"enabled": False}
@@ -128,6 +139,7 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
         "holiday_calendar": calendar_check,
         "daily_report": report_check,
         "dialplan_key": dialplan_key_check,
+        "probes": probes_check,
     }
 
 
@@ -150,13 +162,18 @@ def _probes(settings: Settings, ami: AmiClient, connect: Callable[[], Awaitable[
             alerter: Alerter, metrics: Metrics, live: LiveState, clock: Clock,
             publisher: RoutingPublisher) -> tuple[ProbeRunner | None, ProbeScheduler | None]:
     """The probe runner and its scheduler, if [probe] caller_id is configured."""
-    probe = settings.probe
-    if probe.caller_id is None:
+    probe, trunk = settings.probe, settings.probe_trunk
+    if probe.caller_id is None or trunk is None:
         log.warning("line_probes_off", fix="set [probe] caller_id to the number the probes call from")
         return None, None
-    target = ProbeTarget(trunk=probe.trunk or settings.hotline.trunk,
-                         number=probe.number or settings.hotline.numbers[0],
+    target = ProbeTarget(trunk=trunk, number=settings.probe_number,
                          caller_id=probe.caller_id, timeout=probe.timeout_seconds)
+    if settings.probe_uses_hotline_trunk:
+        log.warning("probe_uses_hotline_trunk", trunk=target.trunk, rule=HOTLINE_NEVER_DIALS_OUT,
+                    allowed_by="[probe] allow_hotline_trunk",
+                    fix="name another outbound line in [probe] trunk and drop allow_hotline_trunk")
+    log.info("line_probes_on", trunk=target.trunk, number=target.number, daily_at=probe.daily_at,
+             quiet_minutes=probe.quiet_minutes)
     runner = ProbeRunner(ami, target, connect, alerter, metrics, probe.manual_min_interval_seconds)
 
     def last_call() -> datetime | None:
@@ -170,14 +187,8 @@ def _probes(settings: Settings, ami: AmiClient, connect: Callable[[], Awaitable[
 
 def tracker_settings(settings: Settings) -> TrackerSettings:
     """The tracker's view of the configuration."""
-    return TrackerSettings(
-        hotline_numbers=frozenset(settings.hotline.numbers),
-        trunk=settings.hotline.trunk,
-        ring_period_seconds=settings.ring.period_seconds,
-        max_rings=settings.ring.max_rings,
-        probe_caller=settings.probe.caller_id,
-        event_key=event_key(settings.ami.resolved_secret().get_secret_value()),
-    )
+    return replace(tracker_settings_for(settings),
+                   event_key=event_key(settings.ami.resolved_secret().get_secret_value()))
 
 
 def _log_decision(decision: Decision) -> None:

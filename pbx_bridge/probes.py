@@ -1,5 +1,6 @@
-"""Line health probes: a real test call out through the carrier to the 400 number, expected
-back on the hotline trunk (seed: 长久没有来电时,应及时测拨 / 每天早上8:00进行线路检测).
+"""Line health probes: a real test call out through an ordinary outbound line ([probe] trunk,
+never the hotline trunk: the 400 line never dials out, unless [probe] allow_hotline_trunk) to the
+400 number, expected back on the hotline trunk (seed: 长久没有来电时,应及时测拨 / 每天早上8:00进行线路检测).
 
 Outcomes: `ok` (arrived; the delay is measured), `dial_failed` (the carrier refused the call),
 `no_arrival` (the carrier took the call but it never came back), `timeout` (nothing definite
@@ -90,7 +91,7 @@ class RateLimitedError(Exception):
 class ProbeTarget:
     """What a probe dials, all from configuration."""
 
-    trunk: str
+    trunk: str  # the outbound line (PJSIP endpoint) the test call leaves on
     number: str
     caller_id: str
     timeout: float
@@ -137,7 +138,7 @@ class ProbeRunner:
             self.runs.pop(next(iter(self.runs)))
         self._current = run
         self._queue.put_nowait(run)
-        log.info("line_probe_requested", probe_id=run.id, trigger=trigger)
+        log.info("line_probe_requested", probe_id=run.id, trigger=trigger, trunk=self._target.trunk)
         return run, True
 
     def arrived(self, arrival: ProbeArrived) -> None:

@@ -99,6 +99,9 @@ holder = "{settings["duty_holder"]}"
 ring_seconds = 25
 
 [probe]
+# The sandbox's ordinary outbound line (docker/asterisk/pbx-site/pjsip_site.conf.in), never the
+# 400 trunk: the world's carrier routes the 400 number back to the pbx's hotline trunk.
+trunk = "pstn"
 caller_id = "{settings["probe_caller"]}"
 timeout_seconds = 10
 manual_min_interval_seconds = 5

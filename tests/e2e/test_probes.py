@@ -6,9 +6,12 @@ import asyncio
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pbx_bridge.config import load_settings
+from pbx_bridge.probes import CHANNEL_PREFIX
 from tests.support.calls import fetch
 from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.env import REPO, DevEnv
@@ -52,6 +55,48 @@ async def test_manual_probe_on_a_healthy_line(bridge: BridgeProcess, devenv: Dev
     legs = await fetch(devenv.dsn, "SELECT endpoint FROM call_legs WHERE linkedid = $1", row["linkedid"])
     assert legs == [], "no agent phone rang for the probe"
     assert not bridge.events("guard_hangup")  # the probe's own outbound call is not a leak
+
+
+async def channel_start(devenv: DevEnv, uniqueid: str) -> dict[str, Any]:
+    """The CEL CHAN_START row of a channel (waiting briefly for cel_pgsql)."""
+    for _ in range(50):
+        rows = await fetch(devenv.dsn, "SELECT channame, cid_name FROM cel WHERE uniqueid = $1 "
+                                       "AND eventtype = 'CHAN_START'", uniqueid)
+        if rows:
+            return dict(rows[0])
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no CHAN_START in cel for {uniqueid}")
+
+
+async def test_the_probe_leaves_on_the_ordinary_line_and_comes_back_on_the_hotline_trunk(
+        bridge: BridgeProcess, devenv: DevEnv, line: object) -> None:
+    """The 400 line never dials out: the probe's outbound channel is on [probe] trunk (pstn), never on
+    the hotline trunk (carrier); it still arrives on the hotline trunk, recognised by its nonce."""
+    settings = load_settings(devenv.config_path)
+    assert (settings.probe_trunk, settings.hotline.trunk) == ("pstn", "carrier")
+    await asyncio.sleep(5.2)  # manual probes are rate limited (5 s in the sandbox config)
+    [mark] = await fetch(devenv.dsn, "SELECT coalesce(max(id), 0) AS id FROM cel")
+    code, output = await asyncio.to_thread(cli_probe, devenv.config_path)
+    assert code == 0, output
+    [row] = await fetch(devenv.dsn, "SELECT * FROM line_probes ORDER BY id DESC LIMIT 1")
+    assert (row["outcome"], row["attempt"]) == ("ok", 1)
+    inbound = await channel_start(devenv, row["linkedid"])
+    assert inbound["channame"].startswith("PJSIP/carrier-"), "the probe arrives on the hotline trunk"
+    nonce = "".join(c for c in inbound["cid_name"] if c in "0123456789abcdef")  # as the dialplan reads it
+    outbound = await channel_start(devenv, CHANNEL_PREFIX + nonce)  # the Originate's ChannelId
+    assert outbound["channame"].startswith("PJSIP/pstn-"), outbound["channame"]
+    probes_out = await fetch(devenv.dsn, "SELECT channame FROM cel WHERE id > $1 AND eventtype = 'CHAN_START' "
+                                         "AND uniqueid LIKE 'pbx-bridge-probe-%'", mark["id"])
+    assert probes_out and not [r for r in probes_out if r["channame"].startswith("PJSIP/carrier-")], probes_out
+    requested = bridge.events("line_probe_requested")
+    assert requested and requested[-1]["trunk"] == "pstn"
+    assert {e["trunk"] for e in bridge.events("line_probes_on")} == {"pstn"}
+    assert not bridge.events("probe_uses_hotline_trunk")
+    assert not bridge.events("guard_hangup")
+    _, health = await ops(devenv, "GET", "/healthz")
+    assert health["components"]["probes"] == {"ok": True, "enabled": True, "trunk": "pstn", "hotline_trunk": False}
+    [call] = await fetch(devenv.dsn, "SELECT is_probe FROM calls WHERE linkedid = $1", row["linkedid"])
+    assert call["is_probe"] is True
 
 
 @pytest.mark.parametrize(("mode", "outcome"), [("drop", "no_arrival"), ("reject", "dial_failed"),
