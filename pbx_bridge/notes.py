@@ -127,6 +127,14 @@ _RECORD_OVERDUE = """
     RETURNING linkedid, occurred_at, details"""
 
 
+def first_answerer(answered_by: str | None, stage: str | None, duty_holder: str | None) -> str:
+    """Who owns a call's case by default: the person who answered first (the duty mobile's holder
+    when the mobile answered); '' when nobody answered."""
+    if stage == "mobile" and duty_holder:
+        return duty_holder[:100]
+    return (answered_by or "")[:100]
+
+
 async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet, actor: str,
                      expected_version: int | None = None) -> SavedSheet:
     """Create or update the sheet of a call, recording who (`actor`: the API token's name, never
@@ -138,7 +146,8 @@ async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet, 
     new = sheet.fields()
     async with conn.transaction():
         # Lock the call so concurrent writers of one sheet take turns.
-        call = await conn.fetchrow("SELECT is_probe FROM calls WHERE linkedid = $1 FOR NO KEY UPDATE", linkedid)
+        call = await conn.fetchrow("SELECT is_probe, answered_by, answered_stage, duty_holder FROM calls "
+                                   "WHERE linkedid = $1 FOR NO KEY UPDATE", linkedid)
         if call is None:
             raise UnknownCallError(linkedid)
         if call["is_probe"]:
@@ -147,6 +156,9 @@ async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet, 
         current_version = current["version"] if current is not None else 0
         if expected_version is not None and expected_version != current_version:
             raise VersionConflictError(current_version)
+        if not new["owner"]:  # 首问负责制: the first person who answered follows the case up, transfers or not
+            new["owner"] = (current["owner"] if current is not None and current["owner"]
+                            else first_answerer(call["answered_by"], call["answered_stage"], call["duty_holder"]))
         if current is None:
             changes = {name: {"old": None, "new": value} for name, value in new.items()}
             row = await conn.fetchrow(

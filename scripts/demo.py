@@ -34,7 +34,8 @@ DEMO_CALLER = "13800138000"
 ZONE = ZoneInfo("Asia/Shanghai")
 SHOWN = ("linkedid", "did", "caller_number", "caller_name", "started_at", "ring_started_at", "answered_at",
          "ended_at", "ring_seconds", "rings", "within_ring_limit", "answered_by", "answered_stage", "disposition",
-         "after_hours", "forwarded_to", "duty_holder", "needs_call_sheet", "talk_seconds", "hangup_cause", "source")
+         "after_hours", "forwarded_to", "duty_holder", "needs_call_sheet", "wait_seconds", "mobile_ring_seconds",
+         "mobile_within_ring_limit", "talk_seconds", "hangup_cause", "source")
 
 
 def show_log(stream: IO[str], connected: threading.Event) -> None:
@@ -80,7 +81,8 @@ async def demo_call(env: DevEnv) -> None:
                     value = row[key].astimezone(ZONE) if isinstance(row[key], datetime) else row[key]
                     print(f"      {key:<18} {value}")
                 line = await pool.fetchrow("SELECT started, result, answered_by, rings, within_ring_limit, "
-                                           "talk_seconds, has_sheet FROM v_call_log WHERE linkedid = $1",
+                                           "wait_seconds, mobile_ring_seconds, talk_seconds, has_sheet "
+                                           "FROM v_call_log WHERE linkedid = $1",
                                            row["linkedid"])
                 print(">>> what a supervisor sees in v_call_log (docs/supervisors.md):")
                 print("      " + ", ".join(f"{key}={value}" for key, value in (line or {}).items()))

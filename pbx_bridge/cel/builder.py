@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,9 +33,13 @@ from pbx_bridge.tracker.tracker import (  # the tracker's own rules: both builde
     ANSWERING_STAGES,
     KNOWN_STAGES,
     MAX_STAGES_PER_CALL,
+    TRANSFER_STAGES,
     UNANSWERED_DISPOSITIONS,
     TrackerSettings,
     endpoint_of,
+    leg_talk_seconds,
+    mobile_ring_limit,
+    transferred_to_of,
 )
 
 # The application that owned a dialled channel when its far end answered: only these answers are
@@ -113,6 +117,13 @@ def parse_extra(text: str) -> dict[str, str]:
     if not isinstance(value, dict):
         return {}
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
+
+
+def attended_target(row: CelRow) -> str | None:
+    """The colleague's channel (uniqueid) an ATTENDEDTRANSFER row hands the caller to."""
+    if row.eventtype != "ATTENDEDTRANSFER":
+        return None
+    return parse_extra(row.extra).get("transfer_target_channel_uniqueid") or None
 
 
 def user_fields(row: CelRow) -> dict[str, str]:
@@ -206,6 +217,8 @@ class _Scan:
     forwarded_to: str | None = None
     duty_holder: str | None = None
     probe_nonce: str | None = None
+    transfers: list[tuple[int, str, str]] = field(default_factory=list)  # (row position, kind, from agent)
+    attended: dict[str, tuple[datetime, str]] = field(default_factory=dict)  # target uniqueid: (when, by whom)
 
 
 def _scan(ordered: Sequence[CelRow], first: CelRow) -> _Scan:
@@ -225,6 +238,11 @@ def _scan(ordered: Sequence[CelRow], first: CelRow) -> _Scan:
             channel.ended_at, channel.hangup = row.eventtime, parse_extra(row.extra)
         elif row.eventtype == "USER_DEFINED" and row.uniqueid == inbound_id:
             _dialplan_fact(scan, order, row.userdeftype, user_fields(row))
+        elif row.eventtype == "ATTENDEDTRANSFER" and (target := attended_target(row)):
+            # the agent handed the caller to the colleague they consulted (that colleague's rows
+            # before it are under the consultation's linkedid: the reconcile fetches them too)
+            scan.attended[target] = (row.eventtime, endpoint_of(row.channame))
+            scan.stages.append((order, "transfer"))
     return scan
 
 
@@ -248,6 +266,9 @@ def _dialplan_fact(scan: _Scan, order: int, kind: str, facts: Mapping[str, str])
         scan.stages.append((order, "probe"))
     elif kind == "HotlineRefused" and "refused" not in names:
         scan.stages.append((order, "refused"))
+    elif kind == "HotlineTransfer" and facts.get("kind") in ("blind", "attended", "return"):
+        scan.stages.append((order, "transfer_return" if facts["kind"] == "return" else "transfer"))
+        scan.transfers.append((order, facts["kind"], facts.get("from", "")[:64]))
 
 
 def build_call(rows: Iterable[CelRow], settings: TrackerSettings, *,
@@ -263,7 +284,8 @@ def build_call(rows: Iterable[CelRow], settings: TrackerSettings, *,
     if found is None:
         return None
     first, did = found
-    ordered = [r for r in ordered if r.linkedid == first.linkedid]
+    targets = {t for r in ordered if r.linkedid == first.linkedid and (t := attended_target(r))}
+    ordered = [r for r in ordered if r.linkedid == first.linkedid or r.uniqueid in targets]
     scan = _scan(ordered, first)
     stages = [stage for _, stage in scan.stages]
     last_time = ordered[-1].eventtime
@@ -298,10 +320,18 @@ def build_call(rows: Iterable[CelRow], settings: TrackerSettings, *,
         agents_stopped = max(c.ended_at for c in agent_legs if c.ended_at is not None)
     agent_ring_end = answered_at if answered is not None and not on_mobile else agents_stopped or ended_at
     ring_seconds = _seconds(ring_started_at, agent_ring_end)
-    talk_end = None
-    if answered is not None:
-        ends = [t for t in (ended_at, answered.ended_at) if t is not None]
-        talk_end = min(ends) if ends else None
+
+    mobile = next((c for c in leg_channels if endpoint_of(c.channel) == trunk), None) if "mobile" in stages else None
+    mobile_ring_started_at = mobile_ring_seconds = mobile_within = None
+    if mobile is not None:
+        mobile_ring_started_at = _leg_ring_started_at(mobile, scan.dials)
+        mobile_ring_end = answered_at if on_mobile else mobile.ended_at or ended_at
+        mobile_ring_seconds = _seconds(mobile_ring_started_at, mobile_ring_end)
+        mobile_within = within_ring_limit(mobile_ring_seconds, on_mobile, settings.ring_period_seconds,
+                                          settings.max_rings)
+
+    legs = tuple(_leg(first.linkedid, c, scan, ended_at) for c in leg_channels)
+    talks = [leg.talk_seconds for leg in legs if leg.talk_seconds is not None]
 
     answered_by: str | None = None
     if scan.probe_nonce is not None:
@@ -326,7 +356,7 @@ def build_call(rows: Iterable[CelRow], settings: TrackerSettings, *,
                                             settings.ring_period_seconds, settings.max_rings),
         answered_by=answered_by,
         disposition=_disposition(scan, stages, inbound, answered is not None, on_mobile),
-        talk_seconds=_seconds(answered_at, talk_end),
+        talk_seconds=round(sum(talks), 3) if talks else None,
         hangup_cause=cause,
         hangup_cause_text=cause_text(cause) if cause is not None else None,
         is_probe=scan.probe_nonce is not None,
@@ -336,10 +366,17 @@ def build_call(rows: Iterable[CelRow], settings: TrackerSettings, *,
         duty_holder=scan.duty_holder,
         needs_call_sheet=on_mobile,
         source="cel",
+        wait_seconds=_seconds(first.eventtime, answered_at if answered is not None else ended_at),
+        mobile_ring_seconds=mobile_ring_seconds,
+        mobile_within_ring_limit=mobile_within,
+        transferred_to=transferred_to_of(list(legs)),
     )
-    legs = tuple(_leg(first.linkedid, c) for c in leg_channels)
-    return CelCall(record, legs, _violations(record, stages, settings), tuple(stages), finished, last_time,
-                   frozenset(scan.channels), closed)
+    violations = _violations(record, stages, settings)
+    if (settings.mobile_ring_limit and mobile is not None and mobile_within is False
+            and record.ended_at is not None):
+        violations += (mobile_ring_limit(record, mobile.channel, mobile_ring_started_at or mobile.started_at,
+                                         settings),)
+    return CelCall(record, legs, violations, tuple(stages), finished, last_time, frozenset(scan.channels), closed)
 
 
 def _disposition(scan: _Scan, stages: Sequence[str], inbound: _Channel, answered: bool,
@@ -383,9 +420,24 @@ def _ring_started_at(agent_legs: Sequence[_Channel], dials: Sequence[_Dial]) -> 
     return min(rang) if rang else min(c.started_at for c in agent_legs)
 
 
-def _leg(linkedid: str, channel: _Channel) -> CallLeg:
+def _leg_ring_started_at(leg: _Channel, dials: Sequence[_Dial]) -> datetime:
+    """One leg's ringing: its creation plus the RINGTIME/PROGRESSTIME of the Dial that made it
+    (the first Dial reported after it); its creation if that Dial reported no ring."""
+    dial = next((d for d in dials if d.order > leg.order), None)
+    return leg.started_at + dial.ring_offset if dial is not None and dial.ring_offset is not None else leg.started_at
+
+
+def _leg(linkedid: str, channel: _Channel, scan: _Scan, caller_ended_at: datetime | None) -> CallLeg:
     cause = _cause(channel.hangup)
-    return CallLeg(
+    stages = [stage for order, stage in scan.stages if order < channel.order]
+    stage = stages[-1] if stages else None
+    transfers = [(kind, by) for order, kind, by in scan.transfers if order < channel.order]
+    kind, by = transfers[-1] if transfers and stage in TRANSFER_STAGES else (None, None)
+    transferred_at = None
+    if channel.uniqueid in scan.attended:  # rung in a consultation, then given the caller
+        transferred_at, handed_by = scan.attended[channel.uniqueid]
+        stage, kind, by = "transfer", "attended", handed_by
+    leg = CallLeg(
         linkedid=linkedid,
         uniqueid=channel.uniqueid,
         channel=channel.channel,
@@ -397,7 +449,12 @@ def _leg(linkedid: str, channel: _Channel) -> CallLeg:
         dial_status=_dial_status(channel, cause),
         hangup_cause=cause,
         hangup_cause_text=cause_text(cause) if cause is not None else None,
+        stage=stage,
+        transfer_kind=kind if stage == "transfer" else None,
+        transferred_by=by or None,
+        transferred_at=transferred_at,
     )
+    return replace(leg, talk_seconds=leg_talk_seconds(leg, caller_ended_at))
 
 
 def _dial_status(channel: _Channel, cause: int | None) -> str | None:

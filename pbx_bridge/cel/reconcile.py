@@ -38,7 +38,9 @@ CALL_COLUMNS = tuple(f.name for f in fields(CallRecord))
 LEG_COLUMNS = tuple(f.name for f in fields(CallLeg) if f.name != "linkedid")
 LEG_TYPES = {"uniqueid": "text", "channel": "text", "endpoint": "text", "dial_started_at": "timestamptz",
              "ring_started_at": "timestamptz", "answered_at": "timestamptz", "ended_at": "timestamptz",
-             "dial_status": "text", "hangup_cause": "smallint", "hangup_cause_text": "text"}
+             "dial_status": "text", "hangup_cause": "smallint", "hangup_cause_text": "text", "stage": "text",
+             "transfer_kind": "text", "transferred_by": "text", "talk_seconds": "numeric",
+             "transferred_at": "timestamptz"}
 
 # The hotline calls that started in [$1, $2): the inbound trunk channel's CHAN_START at a hotline
 # DID, or the dialplan's HotlineRefused; with their end (LINKEDID_END) and what `calls` holds.
@@ -57,7 +59,20 @@ SELECT s.linkedid, s.started,
   FROM starts s LEFT JOIN calls c ON c.linkedid = s.linkedid
  ORDER BY s.started, s.linkedid
 """
-CEL_ROWS = "SELECT * FROM cel WHERE linkedid = ANY($1::text[]) ORDER BY eventtime, id"
+# The rows of these calls (column `call`), and of the colleagues their attended transfers handed
+# the caller to: those channels' rows before the transfer are under the consultation's linkedid.
+CEL_ROWS = r"""
+WITH mine AS (SELECT * FROM cel WHERE linkedid = ANY($1::text[])),
+targets AS (
+    SELECT DISTINCT linkedid AS call,
+           substring(extra FROM '"transfer_target_channel_uniqueid"\s*:\s*"([^"]*)"') AS uniqueid
+      FROM mine WHERE eventtype = 'ATTENDEDTRANSFER'
+)
+SELECT m.*, m.linkedid AS call FROM mine m
+UNION ALL
+SELECT c.*, t.call FROM cel c JOIN targets t ON c.uniqueid = t.uniqueid AND c.linkedid <> t.call
+ORDER BY eventtime, id
+"""
 CHUNK = 500  # calls whose rows are read at once
 
 
@@ -138,7 +153,7 @@ def tracker_settings_for(settings: Settings) -> TrackerSettings:
     """The builder's view of the configuration (no event key: CEL rows carry none)."""
     return TrackerSettings(hotline_numbers=frozenset(settings.hotline.numbers), trunk=settings.hotline.trunk,
                            ring_period_seconds=settings.ring.period_seconds, max_rings=settings.ring.max_rings,
-                           probe_caller=settings.probe.caller_id)
+                           probe_caller=settings.probe.caller_id, mobile_ring_limit=settings.ring.mobile_limit)
 
 
 def decide(candidate: Candidate, call: CelCall | None, *, forced: bool = False, live: LiveChannels | None = None,
@@ -216,8 +231,7 @@ async def reconcile(conn: asyncpg.Connection, settings: TrackerSettings, since: 
         chunk = candidates[first:first + CHUNK]
         rows: dict[str, list[CelRow]] = {}
         for row in await conn.fetch(CEL_ROWS, [c.linkedid for c in chunk]):
-            cel = CelRow.from_mapping(row)
-            rows.setdefault(cel.linkedid, []).append(cel)
+            rows.setdefault(row["call"], []).append(CelRow.from_mapping(row))
         for candidate in chunk:
             outcomes.append(await _settle(conn, settings, candidate, rows.get(candidate.linkedid, []),
                                           dry_run=dry_run, live=live, settled_before=settled_before,

@@ -33,6 +33,14 @@ class CallLeg:
     dial_status: str | None = None
     hangup_cause: int | None = None
     hangup_cause_text: str | None = None
+    # What rang it: group | escalation | mobile | transfer | transfer_return (the dialplan's stage).
+    stage: str | None = None
+    transfer_kind: str | None = None  # blind | attended, for a transfer's leg
+    transferred_by: str | None = None  # the agent who transferred the caller to this leg (or back)
+    talk_seconds: float | None = None  # this person's talk with the caller
+    # An attended transfer: when this person, answered in the consultation, was given the caller
+    # (their talk with the caller starts here, not at their answer).
+    transferred_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,15 @@ class CallRecord:
     duty_holder: str | None = None
     needs_call_sheet: bool = False  # answered on the mobile: the sheet is filled in afterwards
     source: str = "ami"
+    # The caller's wait: from the call's start to the answer by a person, else to its end.
+    wait_seconds: float | None = None
+    # A forward: the duty mobile's ring time, from its ringing (180/183 from the carrier; its dial
+    # if none came) to its answer, else to the end of its leg.
+    mobile_ring_seconds: float | None = None
+    # Like within_ring_limit, for the duty mobile's leg (None when there was no forward).
+    mobile_within_ring_limit: bool | None = None
+    # Who had the caller at the end after a transfer (None: no transfer was taken).
+    transferred_to: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,9 +40,12 @@ CHANNEL_STATE_RINGING = "5"  # outbound channel ringing at the far end
 RINGING_DIAL_STATUSES = frozenset({"RINGING", "PROGRESS"})
 UNANSWERED_DISPOSITIONS = frozenset({Disposition.MISSED, Disposition.FORWARD_MISSED, Disposition.VOICEMAIL})
 FORWARD_MARK_TTL = timedelta(minutes=10)
-KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail", "probe", "refused"})
+KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voicemail", "probe", "refused",
+                          "transfer", "transfer_return"})
+TRANSFER_STAGES = frozenset({"transfer", "transfer_return"})
 # The UserEvents our dialplan raises: trusted only with the dialplan's key (TrackerSettings.event_key).
-DIALPLAN_EVENTS = frozenset({"HotlineStage", "HotlineProbe", "OutboundAttempt", "HotlineRefused"})
+DIALPLAN_EVENTS = frozenset({"HotlineStage", "HotlineProbe", "OutboundAttempt", "HotlineRefused", "HotlineTransfer",
+                             "InternalCall"})
 ANSWERING_STAGES = frozenset({"group", "escalation", "mobile"})
 # Bounds that hold however hostile the stream (events forged through a caller ID included):
 # far above a real hotline's load, far below exhausting memory.
@@ -50,6 +53,7 @@ MAX_FORWARD_MARKS = 1_000
 MAX_CHANNELS_PER_CALL = 64
 MAX_STAGES_PER_CALL = 16
 MAX_VALUE_CHARS = 512  # of any header value the tracker may keep
+MAX_CONSULTS = 1_000  # consultation calls between phones remembered at once (for attended transfers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,8 @@ class TrackerSettings:
     # The key every UserEvent of our dialplan carries (`pbx-bridge dialplan` generates it); one
     # without it is forged. None only where no dialplan is involved (tests of older captures).
     event_key: str | None = None
+    # The ring limit applies to the duty mobile's leg too ([ring] mobile_limit).
+    mobile_ring_limit: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,7 @@ class CallState:
     duty_holder: str | None = None
     caller_hung_up_at: datetime | None = None
     ring_limit_reported: bool = False
+    mobile_limit_reported: bool = False
     probe_nonce: str | None = None  # set when the dialplan recognised pbx-bridge's own test call
     inbound_ended_at: datetime | None = None
     hangup_cause: int | None = None
@@ -102,6 +109,8 @@ class CallState:
     # a snapshot): unless an answer was seen, CEL settles how it ended.
     uncertain: bool = False
     adopted: bool = False  # taken in from a snapshot: its ring start was never seen, CEL settles it
+    transfer_from: str | None = None  # the agent of the transfer in progress (UserEvent HotlineTransfer)
+    transfer_kind: str | None = None  # blind | attended | return
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,9 @@ class TrackerState:
     # though the call itself is not tracked (e.g. it began before pbx-bridge started): the
     # guard lets their trunk legs through. Forgotten after FORWARD_MARK_TTL.
     forward_marks: Mapping[str, datetime] = field(default_factory=dict)
+    # Calls between hotline phones (UserEvent InternalCall: an agent consulting a colleague), by
+    # Linkedid, until they end or an attended transfer hands their colleague the caller.
+    consults: Mapping[str, CallState] = field(default_factory=dict)
 
 
 def endpoint_of(channel: str) -> str:
@@ -148,11 +160,15 @@ def apply(
                                  f"UserEvent {event.get('UserEvent')[:40]} without the dialplan's key")]
     when = event.timestamp
     linkedid = event.get("Linkedid")
+    if event.event == "AttendedTransfer" and when is not None:  # its channels' Linkedids are prefixed
+        return _attended_transfer(state, event, when), []
     if when is None or not linkedid:
         return state, []
     if event.event == "UserEvent" and event.get("UserEvent") == "OutboundAttempt":
         return state, [_outbound_attempt(event, when)]
     call = state.calls.get(linkedid)
+    if call is None and (linkedid in state.consults or _is_consult_start(event)):
+        return _advance_consult(state, event, when), []
     if call is None:
         started = _maybe_start_call(event, when, settings)
         if started is not None:
@@ -187,15 +203,72 @@ def apply(
         record = _record(updated, settings)
         if updated.adopted or (updated.uncertain and updated.answered_leg is None):
             return replace(state, calls=calls), [NeedsReconcile(record)]
-        decisions: list[Decision] = [CallEnded(record, tuple(updated.legs.values()))]
+        legs = tuple(replace(leg, talk_seconds=leg_talk_seconds(leg, updated.inbound_ended_at))
+                     for leg in updated.legs.values())
+        decisions: list[Decision] = [CallEnded(record, legs)]
         if record.within_ring_limit is False and not updated.ring_limit_reported:
             decisions.append(_ring_limit_violation(updated, record, settings))  # e.g. no tick came in time
+        mobile = _mobile_leg(updated)
+        if (settings.mobile_ring_limit and mobile is not None and record.mobile_within_ring_limit is False
+                and not updated.mobile_limit_reported):
+            decisions.append(_mobile_ring_limit_violation(updated, mobile, settings))
         if record.disposition in UNANSWERED_DISPOSITIONS and "refused" not in updated.stages:
             decisions.append(Violation(ViolationKind.UNANSWERED, record.ended_at or when, record.linkedid,
                                        (("disposition", str(record.disposition)), ("did", record.did),
                                         ("caller_number", record.caller_number))))
         return replace(state, calls=calls), decisions
     return replace(state, calls={**state.calls, linkedid: updated}), []
+
+
+def _is_consult_start(event: AmiMessage) -> bool:
+    return (event.event == "UserEvent" and event.get("UserEvent") == "InternalCall"
+            and event.get("Uniqueid") == event.get("Linkedid"))
+
+
+def _advance_consult(state: TrackerState, event: AmiMessage, when: datetime) -> TrackerState:
+    """A call between hotline phones (a consultation): its legs are followed, so that an attended
+    transfer can hand its colleague the caller with their ring and answer; forgotten at its end."""
+    linkedid = event.get("Linkedid")
+    consults = dict(state.consults)
+    consult = consults.get(linkedid)
+    if consult is None:
+        while len(consults) >= MAX_CONSULTS:
+            del consults[next(iter(consults))]  # the oldest
+        uniqueid = event.get("Uniqueid")
+        consult = CallState(linkedid=linkedid, inbound_uniqueid=uniqueid, did="", trunk="", caller_number="",
+                            caller_name="", started_at=when, live_channels=frozenset({uniqueid}),
+                            transfer_from=event.get("From")[:64] or None)
+    updated = _advance(consult, event, when)
+    if updated.inbound_ended_at is not None and not updated.live_channels:
+        consults.pop(linkedid, None)
+    else:
+        consults[linkedid] = updated
+    return replace(state, consults=consults)
+
+
+def _attended_transfer(state: TrackerState, event: AmiMessage, when: datetime) -> TrackerState:
+    """An agent handed the caller to the colleague they consulted (AMI AttendedTransfer): the
+    colleague's leg joins the hotline call, with its ring and answer from the consultation; the
+    colleague's channel now carries the call's Linkedid (Asterisk relinks it), so its end is seen."""
+    call = state.calls.get(event.get("OrigTransfererLinkedid"))
+    consult = state.consults.get(event.get("SecondTransfererLinkedid"))
+    if event.get("Result") != "Success" or call is None:
+        return state
+    target_id = event.get("TransferTargetUniqueid")
+    target_channel = event.get("TransferTargetChannel")
+    leg = consult.legs.get(target_id) if consult is not None else None
+    if leg is None:
+        if not target_id or not target_channel.startswith("PJSIP/"):
+            return state
+        leg = CallLeg(linkedid=call.linkedid, uniqueid=target_id, channel=target_channel,
+                      endpoint=endpoint_of(target_channel))
+    by = endpoint_of(event.get("OrigTransfererChannel")) or (consult.transfer_from if consult else None)
+    moved = replace(leg, linkedid=call.linkedid, stage="transfer", transfer_kind="attended", transferred_by=by,
+                    transferred_at=when)
+    updated = replace(call, legs={**call.legs, target_id: moved}, live_channels=call.live_channels | {target_id},
+                      stages=(*call.stages, "transfer")[:MAX_STAGES_PER_CALL])
+    consults = {k: v for k, v in state.consults.items() if k != event.get("SecondTransfererLinkedid")}
+    return replace(state, calls={**state.calls, call.linkedid: updated}, consults=consults)
 
 
 def _bounded(event: AmiMessage) -> AmiMessage:
@@ -292,19 +365,31 @@ def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tupl
     decisions: list[Decision] = []
     changed: dict[str, CallState] = {}
     for linkedid, call in state.calls.items():
-        if (call.ring_limit_reported or call.answered_leg is not None or call.inbound_ended_at is not None
+        if (call.answered_leg is not None or call.inbound_ended_at is not None
                 or call.probe_nonce is not None or call.uncertain):
             continue
-        started = _ring_started_at(call)
-        if started is None or started > now or _agents_stopped(call) is not None:
-            continue  # started > now: the PBX's clock is ahead of ours (rings_heard refuses negative time)
-        if rings_heard((now - started).total_seconds(), settings.ring_period_seconds) > settings.max_rings:
-            changed[linkedid] = replace(call, ring_limit_reported=True)
-            decisions.append(_ring_limit_violation(call, _record(call, settings), settings,
-                                                   at=started + timedelta(seconds=limit)))
+        if not call.ring_limit_reported and _agents_stopped(call) is None:
+            started = _ring_started_at(call)
+            if started is not None and _past_limit(started, now, settings):
+                call = changed[linkedid] = replace(call, ring_limit_reported=True)
+                decisions.append(_ring_limit_violation(call, _record(call, settings), settings,
+                                                       at=started + timedelta(seconds=limit)))
+        mobile = _mobile_leg(call)
+        if settings.mobile_ring_limit and mobile is not None and not call.mobile_limit_reported:
+            started = _mobile_ring_started_at(mobile)
+            if mobile.ended_at is None and mobile.answered_at is None and _past_limit(started, now, settings):
+                changed[linkedid] = replace(call, mobile_limit_reported=True)
+                decisions.append(_mobile_ring_limit_violation(call, mobile, settings))
     if not changed:
         return state, decisions
     return replace(state, calls={**state.calls, **changed}), decisions
+
+
+def _past_limit(started: datetime | None, now: datetime, settings: TrackerSettings) -> bool:
+    """Has a phone ringing since `started` rung past the limit by `now`? (A start after `now`:
+    the PBX's clock is ahead of ours; rings_heard refuses negative time.)"""
+    return (started is not None and started <= now
+            and rings_heard((now - started).total_seconds(), settings.ring_period_seconds) > settings.max_rings)
 
 
 def _ring_limit_violation(call: CallState, record: CallRecord, settings: TrackerSettings,
@@ -316,12 +401,32 @@ def _ring_limit_violation(call: CallState, record: CallRecord, settings: Tracker
                       ("max_rings", str(settings.max_rings)), ("limit_seconds", f"{limit:g}")))
 
 
+def _mobile_ring_limit_violation(call: CallState, mobile: CallLeg, settings: TrackerSettings) -> Violation:
+    return mobile_ring_limit(_record(call, settings), mobile.channel,
+                             _mobile_ring_started_at(mobile) or call.started_at, settings)
+
+
+def mobile_ring_limit(record: CallRecord, channel: str, ring_started_at: datetime,
+                      settings: TrackerSettings) -> Violation:
+    """The duty mobile (leg `channel`, ringing since `ring_started_at`) rang past the limit (seed
+    004: every phone answers within three rings). Its leg's channel keeps it apart from the
+    agents' ring-limit breach of the same call (one of each per call)."""
+    limit = settings.max_rings * settings.ring_period_seconds
+    return Violation(ViolationKind.RING_LIMIT, ring_started_at + timedelta(seconds=limit), record.linkedid,
+                     (("did", record.did), ("caller_number", record.caller_number), ("stage", "mobile"),
+                      ("mobile", record.forwarded_to or ""), ("channel", channel),
+                      ("max_rings", str(settings.max_rings)), ("limit_seconds", f"{limit:g}")))
+
+
 def _outbound_attempt(event: AmiMessage, when: datetime) -> Violation:
-    """A hotline phone dialled out; the dialplan refused it (UserEvent OutboundAttempt)."""
+    """A hotline phone dialled out, or transferred a call to an outside number; the dialplan
+    refused it (UserEvent OutboundAttempt; a transfer's names the agent in From)."""
     channel = event.get("Channel")
+    via = "transfer" if event.get("Via") == "transfer" else "dial"
+    extension = event.get("From")[:64] if via == "transfer" else endpoint_of(channel)
     return Violation(ViolationKind.OUTBOUND_ATTEMPT, when, event.get("Linkedid"),
-                     (("channel", channel), ("extension", endpoint_of(channel)),
-                      ("digits", event.get("Digits")), ("stopped_by", "dialplan")))
+                     (("channel", channel), ("extension", extension),
+                      ("digits", event.get("Digits")), ("stopped_by", "dialplan"), ("via", via)))
 
 
 def _guard(event: AmiMessage, when: datetime, settings: TrackerSettings) -> list[Decision]:
@@ -436,7 +541,11 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
         channel = event.get("Channel")
         if inbound or channel.startswith("Local/"):
             return replace(call, live_channels=live)
-        leg = CallLeg(linkedid=call.linkedid, uniqueid=uniqueid, channel=channel, endpoint=endpoint_of(channel))
+        stage = call.stages[-1] if call.stages else None
+        transfer = stage in TRANSFER_STAGES
+        leg = CallLeg(linkedid=call.linkedid, uniqueid=uniqueid, channel=channel, endpoint=endpoint_of(channel),
+                      stage=stage, transfer_kind=call.transfer_kind if stage == "transfer" else None,
+                      transferred_by=call.transfer_from if transfer else None)
         return replace(call, live_channels=live, legs={**call.legs, uniqueid: leg})
 
     if name == "UserEvent" and event.get("UserEvent") == "HotlineStage" and inbound:
@@ -447,6 +556,13 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
             return replace(call, stages=(*call.stages, stage), forwarded_to=event.get("Mobile") or None,
                            duty_holder=_b64_text(event.get("HolderB64")) or None)
         return replace(call, stages=(*call.stages, stage))
+
+    if name == "UserEvent" and event.get("UserEvent") == "HotlineTransfer" and inbound:
+        kind = event.get("Kind")
+        if kind not in ("blind", "attended", "return"):
+            return call
+        return replace(call, stages=(*call.stages, "transfer_return" if kind == "return" else "transfer"),
+                       transfer_kind=kind, transfer_from=event.get("From")[:64] or None)
 
     if name == "UserEvent" and event.get("UserEvent") == "HotlineProbe" and inbound:
         return replace(call, probe_nonce=event.get("Nonce"), stages=(*call.stages, "probe"))
@@ -522,6 +638,17 @@ def _agent_legs(call: CallState) -> list[CallLeg]:
     return [leg for leg in call.legs.values() if leg.endpoint != call.trunk]
 
 
+def _mobile_leg(call: CallState) -> CallLeg | None:
+    """The forward's leg to the duty mobile (out on the trunk), if the call was forwarded."""
+    legs = [leg for leg in call.legs.values() if leg.endpoint == call.trunk]
+    return legs[0] if legs and "mobile" in call.stages else None
+
+
+def _mobile_ring_started_at(leg: CallLeg) -> datetime | None:
+    """The mobile's ringing (180/183 from the carrier), else its dial."""
+    return leg.ring_started_at or leg.dial_started_at
+
+
 def _ring_started_at(call: CallState) -> datetime | None:
     """First agent leg ringing; the first DialBegin if no leg ever reported ringing."""
     legs = _agent_legs(call)
@@ -544,10 +671,15 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
     agent_ring_end = answered_at if answered is not None and not on_mobile else _agents_stopped(call) or ended_at
     ring_seconds = _seconds(ring_started_at, agent_ring_end)  # None while still ringing
     rings = rings_heard(ring_seconds, settings.ring_period_seconds) if ring_seconds is not None else None
-    talk_end = None
-    if answered is not None:
-        ends = [t for t in (ended_at, answered.ended_at) if t is not None]
-        talk_end = min(ends) if ends else None
+
+    mobile = _mobile_leg(call)
+    mobile_ring_seconds = mobile_within = None
+    if mobile is not None:
+        mobile_answered = answered is not None and on_mobile
+        mobile_ring_seconds = _seconds(_mobile_ring_started_at(mobile),
+                                       answered_at if mobile_answered else mobile.ended_at or ended_at)
+        mobile_within = within_ring_limit(mobile_ring_seconds, mobile_answered, settings.ring_period_seconds,
+                                          settings.max_rings)
 
     disposition: Disposition | None = None
     if ended_at is not None:
@@ -582,7 +714,7 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
             ring_seconds, answered is not None and not on_mobile, settings.ring_period_seconds, settings.max_rings),
         answered_by="pbx-bridge-probe" if call.probe_nonce is not None else _answered_by(call, answered, on_mobile),
         disposition=disposition,
-        talk_seconds=_seconds(answered_at, talk_end),
+        talk_seconds=_talk_seconds(call),
         hangup_cause=call.hangup_cause,
         hangup_cause_text=call.hangup_cause_text,
         after_hours=(call.stages[0] == "after_hours") if call.stages else None,
@@ -595,7 +727,38 @@ def _record(call: CallState, settings: TrackerSettings) -> CallRecord:
         # count as a customer's; the final record of a stranger who spoofed it says False.
         is_probe=call.probe_nonce is not None or (
             ended_at is None and settings.probe_caller is not None and call.caller_number == settings.probe_caller),
+        wait_seconds=_seconds(call.started_at, answered_at if answered is not None else ended_at),
+        mobile_ring_seconds=mobile_ring_seconds,
+        mobile_within_ring_limit=mobile_within,
+        transferred_to=_transferred_to(call),
     )
+
+
+def leg_talk_seconds(leg: CallLeg, caller_ended_at: datetime | None) -> float | None:
+    """One person's talk with the caller: from the leg's answer (an attended transfer's colleague:
+    from the transfer) to its end or the caller's."""
+    ends = [t for t in (caller_ended_at, leg.ended_at) if t is not None]
+    joined = leg.transferred_at or leg.answered_at
+    return _seconds(joined, min(ends)) if leg.answered_at is not None and joined is not None and ends else None
+
+
+def _talk_seconds(call: CallState) -> float | None:
+    """The caller's whole talk: every person's talk with them, added up (a transfer's ringing
+    between two people is not talk)."""
+    talks = [t for leg in call.legs.values() if (t := leg_talk_seconds(leg, call.inbound_ended_at)) is not None]
+    return round(sum(talks), 3) if talks else None
+
+
+def transferred_to_of(legs: list[CallLeg]) -> str | None:
+    """Who had the caller at the end after a transfer: the last answered leg, if a transfer rang
+    it (a call that went back to the agent who transferred it names nobody)."""
+    answered = [(leg.transferred_at or leg.answered_at, leg) for leg in legs if leg.answered_at is not None]
+    last = max(answered, key=lambda pair: pair[0] or datetime.min, default=(None, None))[1]
+    return last.endpoint if last is not None and last.stage == "transfer" else None
+
+
+def _transferred_to(call: CallState) -> str | None:
+    return transferred_to_of(list(call.legs.values()))
 
 
 def _answered_by(call: CallState, answered: CallLeg | None, on_mobile: bool) -> str | None:

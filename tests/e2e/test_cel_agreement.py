@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from pbx_bridge.cel.builder import CelCall, CelRow, build_call
-from pbx_bridge.cel.reconcile import tracker_settings_for
+from pbx_bridge.cel.reconcile import CEL_ROWS, tracker_settings_for
 from pbx_bridge.config import load_settings
 from pbx_bridge.tracker import TrackerSettings
 from tests.e2e.conftest import OPEN_HOURS
@@ -33,9 +33,9 @@ pytestmark = pytest.mark.e2e
 NIGHT = "2026-11-24T20:00:00+08:00"  # a Tuesday evening in Shanghai: after hours
 EQUAL = ("did", "caller_number", "caller_name", "disposition", "answered_by", "answered_stage", "after_hours",
          "forwarded_to", "duty_holder", "needs_call_sheet", "is_probe", "rings", "within_ring_limit",
-         "hangup_cause")
+         "hangup_cause", "transferred_to", "mobile_within_ring_limit")
 TIMES = ("started_at", "ring_started_at", "answered_at", "ended_at")
-SECONDS = ("ring_seconds", "talk_seconds")
+SECONDS = ("ring_seconds", "talk_seconds", "wait_seconds", "mobile_ring_seconds")
 
 
 class Daemons:
@@ -76,7 +76,7 @@ async def cel_call(devenv: DevEnv, settings: TrackerSettings, linkedid: str, tim
     """The call built from its CEL rows, once Asterisk has written its end (LINKEDID_END)."""
     deadline = time.monotonic() + timeout
     while True:
-        rows = await fetch(devenv.dsn, "SELECT * FROM cel WHERE linkedid = $1 ORDER BY eventtime, id", linkedid)
+        rows = await fetch(devenv.dsn, CEL_ROWS, [linkedid])  # as the reconcile reads them
         call = build_call([CelRow.from_mapping(row) for row in rows], settings)
         if call is not None and call.finished:
             return call
@@ -101,9 +101,10 @@ async def assert_agree(devenv: DevEnv, settings: TrackerSettings, row: asyncpg.R
         assert (ours is None) == (theirs is None), (row["caller_number"], field)
         if ours is not None:
             assert ours == pytest.approx(float(theirs), abs=0.5), (row["caller_number"], field)
-    legs = await fetch(devenv.dsn, "SELECT endpoint, dial_status FROM call_legs WHERE linkedid = $1", row["linkedid"])
-    assert sorted((leg.endpoint, leg.dial_status) for leg in call.legs) == sorted(
-        (leg["endpoint"], leg["dial_status"]) for leg in legs), row["caller_number"]
+    legs = await fetch(devenv.dsn, "SELECT endpoint, dial_status, stage, transfer_kind, transferred_by "
+                                   "FROM call_legs WHERE linkedid = $1", row["linkedid"])
+    assert sorted((leg.endpoint, leg.dial_status, leg.stage, leg.transfer_kind, leg.transferred_by)
+                  for leg in call.legs) == sorted(tuple(leg.values()) for leg in legs), row["caller_number"]
     kinds = await fetch(devenv.dsn, "SELECT kind FROM policy_violations WHERE linkedid = $1 AND kind <> "
                                     "'outbound_attempt'", row["linkedid"])
     assert sorted(str(v.kind) for v in call.violations) == sorted(r["kind"] for r in kinds), row["caller_number"]
@@ -132,6 +133,36 @@ async def test_open_hours_call_shapes_agree(daemons: Daemons, devenv: DevEnv, ce
         call = await assert_agree(devenv, cel_settings, row)
         assert call.record.source == "cel"
     assert (await assert_agree(devenv, cel_settings, rows[escalated][0])).record.within_ring_limit is False
+
+
+async def test_transfer_shapes_agree(daemons: Daemons, devenv: DevEnv, cel_settings: TrackerSettings) -> None:
+    """A blind transfer, an unanswered one that comes back, and an attended one."""
+    bridge = await asyncio.to_thread(daemons.start, OPEN_HOURS)
+    blind, back, attended = (new_caller_number() for _ in range(3))
+    pbx = f"{devenv.sandbox['pbx_ip']}:{devenv.sandbox['sip_port']}"
+    async with connect_world(devenv) as world:
+        for number in (blind, back, attended):
+            await world.set_phone(number, "agent101", answer(2, 120))
+            await world.set_phone(number, "agent102", IGNORE)
+            await world.call(devenv.hotline_numbers[0], number, "转接")
+        await world.set_phone(blind, "agent103", answer(3, 2))
+        await world.set_phone("agent101", "agent102", answer(2, 120))  # agent101's consultation
+        for number in (blind, back, attended):
+            await asyncio.to_thread(bridge.wait_for, "call_started", 10, caller=number)
+        await asyncio.sleep(3)  # all answered by agent101
+        await world.set_phone(back, "agent101", answer(1, 2))
+        await world.transfer("agent101", blind, f"sip:103@{pbx}")
+        await world.transfer("agent101", back, f"sip:102@{pbx}")
+        await world.dial_out("agent101", "102")
+        await asyncio.sleep(3.5)
+        await world.attended_transfer("agent101", attended, "102", pbx)
+        await asyncio.sleep(2)
+        await world.hang_up_caller(attended)
+    rows = await finished_calls(devenv.dsn, [blind, back, attended], timeout=60)
+    for number, transferred_to in ((blind, "agent103"), (back, None), (attended, "agent102")):
+        [row] = rows[number]
+        assert (row["answered_by"], row["transferred_to"]) == ("agent101", transferred_to), number
+        await assert_agree(devenv, cel_settings, row)
 
 
 async def test_twenty_concurrent_calls_agree(daemons: Daemons, devenv: DevEnv, cel_settings: TrackerSettings) -> None:

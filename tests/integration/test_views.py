@@ -21,7 +21,7 @@ import pytest
 from pbx_bridge.notes import CallSheet, record_overdue_complaints, save_sheet
 from tests.conftest import scratch_database
 from tests.support.env import DevEnv
-from tests.support.seed import add_call, add_violation, local, utc_naive
+from tests.support.seed import add_call, add_leg, add_violation, local, utc_naive
 
 pytestmark = pytest.mark.integration
 
@@ -55,16 +55,18 @@ def sheet(**fields: Any) -> CallSheet:
 async def seed(conn: asyncpg.Connection) -> None:
     # Monday 2030-06-10, Asia/Shanghai.
     await add_call(conn, "A", "2030-06-10 09:00:00", caller="13800000001", disposition="answered", ring=7.0,
-                   within=True, answered_by="agent101", talk=60, stage="group", name="张三客户")
+                   within=True, answered_by="agent101", talk=60, stage="group", name="张三客户", wait=7.0)
     await add_call(conn, "B", "2030-06-10 10:00:00", caller="13800000002", disposition="answered", ring=17.0,
-                   within=False, answered_by="agent102", talk=120, stage="escalation")
-    await add_call(conn, "C", "2030-06-10 11:00:00", caller="13800000003", disposition="abandoned", ring=6.0)
+                   within=False, answered_by="agent102", talk=120, stage="escalation", wait=17.0)
+    await add_call(conn, "C", "2030-06-10 11:00:00", caller="13800000003", disposition="abandoned", ring=6.0,
+                   wait=6.0)  # waited 6 s, nobody answered: not in the answered callers' wait
     await add_call(conn, "D", "2030-06-10 14:00:00", caller="13800000004", disposition="voicemail", ring=35.0,
                    within=False)
     await add_call(conn, "E", "2030-06-10 19:00:00", caller="13800000005", disposition="forwarded",
-                   answered_by="13900139000", talk=30, after_hours=True, stage="mobile", holder="值班员小王")
+                   answered_by="13900139000", talk=30, after_hours=True, stage="mobile", holder="值班员小王",
+                   wait=9.0, mobile_ring=8.0, mobile_within=True)
     await add_call(conn, "F", "2030-06-10 23:59:30", caller="13800000006", disposition="forward_missed",
-                   after_hours=True)
+                   after_hours=True, wait=25.5, mobile_ring=25.0, mobile_within=False)
     await add_call(conn, "G", "2030-06-10 08:00:00", caller="02566660000", disposition="answered", ring=0.5,
                    within=True, answered_by="pbx-bridge-probe", talk=1, probe=True)
     await add_call(conn, "W", "2030-06-10 12:10:00", caller="anonymous", disposition="missed", ring=20.0,
@@ -160,6 +162,9 @@ async def test_daily_kpi_exact_figures_with_the_local_day_and_probes_excluded(db
         "unanswered_violations": 2,  # D F
         "outbound_attempt_violations": 1,
         "complaint_overdue_violations": 0,
+        "avg_wait_seconds": Decimal("11.0"),  # (7 + 17 + 9) / 3: A B E, the callers a person answered
+        "p90_wait_seconds": Decimal("17.0"),  # the smallest observed wait covering 90 % of them
+        "mobile_within_ring_limit_pct": Decimal("50.0"),  # E within, F rang its 25 s past the limit
     }
     day2 = await kpi(db, "2030-06-11")
     assert (day2["calls"], day2["answered"], day2["missed"], day2["after_hours_calls"],
@@ -176,6 +181,55 @@ async def test_agent_daily(db: asyncpg.Connection) -> None:
         ("agent102", False, None, 1, Decimal("17.0"), 1, Decimal("120.0"), 0),
     ]
     assert "pbx-bridge-probe" not in {r["agent"] for r in await db.fetch("SELECT agent FROM v_agent_daily")}
+
+
+async def test_a_transferred_call_in_the_call_log_and_per_person(views_dsn: str) -> None:
+    """agent101 answers after 4 s, talks 3 s, transfers to agent103 (rings 6 s, talks 5 s); a
+    second call's transfer to agent102 is not answered and goes back to agent101."""
+    async with rolled_back(views_dsn) as conn:
+        await add_call(conn, "T", "2030-06-13 10:00:00", caller="13800000009", disposition="answered", ring=4.0,
+                       within=True, answered_by="agent101", talk=3, stage="group", wait=4.0)
+        start = local("2030-06-13 10:00:00")
+        await conn.execute("UPDATE calls SET ended_at = $2, talk_seconds = 8, transferred_to = 'agent103' "
+                           "WHERE linkedid = $1", "T", start + timedelta(seconds=18))
+        await add_leg(conn, "T", "T.2", "agent103", start + timedelta(seconds=7), start + timedelta(seconds=13),
+                      start + timedelta(seconds=18), stage="transfer", transfer_kind="blind", transferred_by="agent101")
+        await add_call(conn, "U", "2030-06-13 11:00:00", caller="13800000010", disposition="answered", ring=2.0,
+                       within=True, answered_by="agent101", talk=2, stage="group", wait=2.0)
+        start = local("2030-06-13 11:00:00")
+        await add_leg(conn, "U", "U.2", "agent102", start + timedelta(seconds=4), None, start + timedelta(seconds=24),
+                      stage="transfer", transfer_kind="blind", transferred_by="agent101")
+        await add_leg(conn, "U", "U.3", "agent101", start + timedelta(seconds=24), start + timedelta(seconds=26),
+                      start + timedelta(seconds=30), stage="transfer_return", transferred_by="agent102")
+        await conn.execute("UPDATE calls SET ended_at = $1, talk_seconds = 6 WHERE linkedid = 'U'",
+                           start + timedelta(seconds=30))
+        log = {r["linkedid"]: r for r in await conn.fetch(
+            "SELECT linkedid, answered_by, transferred_to, transfers, talk_seconds FROM v_call_log "
+            "WHERE day = '2030-06-13'")}
+        assert (log["T"]["answered_by"], log["T"]["transferred_to"], log["T"]["transfers"]) == (
+            "agent101", "agent103", "agent101 → agent103")
+        assert (log["U"]["transferred_to"], log["U"]["transfers"]) == (
+            None, "agent101 → agent102 (未接), agent102 → agent101")
+        rows = await conn.fetch("SELECT agent, answered, talk_seconds, transfers_made, transfers_received "
+                                "FROM v_agent_daily WHERE day = '2030-06-13' ORDER BY agent")
+        assert [tuple(r.values()) for r in rows] == [
+            ("agent101", 2, Decimal("9.0"), 2, 0),  # answered T and U first; talked 3 + 2 + 4 (back on U)
+            ("agent103", 0, Decimal("5.0"), 0, 1),  # T's 5 s after the transfer
+        ]
+
+
+async def test_a_sheet_is_owned_by_the_first_answerer_unless_set(views_dsn: str) -> None:
+    async with rolled_back(views_dsn) as conn:
+        await add_call(conn, "O1", "2030-06-14 10:00:00", caller="13800000011", disposition="answered", ring=2.0,
+                       within=True, answered_by="agent101", talk=5, stage="group")
+        await conn.execute("UPDATE calls SET transferred_to = 'agent103' WHERE linkedid = 'O1'")
+        await add_call(conn, "O2", "2030-06-14 20:00:00", caller="13800000012", disposition="forwarded",
+                       answered_by="13900139000", talk=5, after_hours=True, stage="mobile", holder="值班员小王")
+        first = await save_sheet(conn, "O1", sheet(), "组长李雪莲")
+        mobile = await save_sheet(conn, "O2", sheet(), "组长李雪莲")
+        chosen = await save_sheet(conn, "A", sheet(owner="杨雪峰"), "组长李雪莲")
+    # 首问负责制: transferred to agent103, the case stays agent101's; the mobile's holder owns hers
+    assert (first.row["owner"], mobile.row["owner"], chosen.row["owner"]) == ("agent101", "值班员小王", "杨雪峰")
 
 
 async def test_callbacks_due_are_cleared_by_answered_callbacks_and_later_answered_calls(
@@ -209,7 +263,7 @@ async def test_call_log_unrecorded_and_call_sheet(db: asyncpg.Connection) -> Non
     sheets = [dict(r) for r in await db.fetch('SELECT * FROM v_call_sheet ORDER BY "来电时间"')]
     columns = ["通话编号", "客户姓名", "联系方式", "问题类型", "跟进状态", "跟进人"]
     assert [tuple(s[c] for c in columns) for s in sheets] == [
-        ("A", "张三客户", "13800000001", "咨询", "已完成", ""),
+        ("A", "张三客户", "13800000001", "咨询", "已完成", "agent101"),  # owner: the first answerer
         ("E", "", "13800000005 王女士", "投诉", "处理中", "杨雪峰")]
     assert str(sheets[0]["来电时间"]) == "2030-06-10 09:00:00"
 

@@ -29,7 +29,16 @@ from pbx_bridge.cel.builder import CelRow
 from pbx_bridge.dialplan import b64, event_key
 from tests.support.env import DevEnv, load_devenv
 from tests.support.sip import SHORT_INJECTION_USER, SipPeer
-from tests.support.world import BUSY, IGNORE, World, answer, connect_pbx_admin, connect_world
+from tests.support.world import (
+    BUSY,
+    IGNORE,
+    World,
+    answer,
+    answer_after_progress,
+    answer_after_silence,
+    connect_pbx_admin,
+    connect_world,
+)
 
 HOTLINE = "4008001234"
 # Captures carry the dialplan's event key; it is replaced by this placeholder (same length)
@@ -169,7 +178,83 @@ async def site_member_voicemail(world: World, env: DevEnv) -> None:
 # user logs in then and lists the live channels (CoreShowChannels), as the daemon does.
 LATE_LOGIN = {"adopted_mid_call": 3.0}
 
+def refer_to(env: DevEnv, extension: str) -> str:
+    """The SIP URI a phone REFERs the call to: an extension on the pbx."""
+    return f"sip:{extension}@{env.sandbox['pbx_ip']}:{env.sandbox['sip_port']}"
+
+
+async def transfer_blind(world: World, env: DevEnv) -> None:
+    """agent101 answers after 4 s, talks 3 s, blind-transfers to 103; agent103 answers after 6 s, talks 5 s."""
+    await world.set_phone("13800000041", "agent101", answer(4, 120))
+    await world.set_phone("13800000041", "agent102", IGNORE)
+    await world.set_phone("13800000041", "agent103", answer(6, 5))
+    await world.call(HOTLINE, "13800000041", "转接客户")
+    await asyncio.sleep(7.5)
+    await world.transfer("agent101", "13800000041", refer_to(env, "103"))
+
+
+async def transfer_unanswered(world: World, env: DevEnv) -> None:
+    """agent101 transfers to 102, who never answers: back to agent101 after 20 s, who answers after 2 s."""
+    await world.set_phone("13800000042", "agent101", answer(2, 120))
+    await world.set_phone("13800000042", "agent102", IGNORE)
+    await world.call(HOTLINE, "13800000042", "转接未接")
+    await asyncio.sleep(4)
+    await world.set_phone("13800000042", "agent101", answer(2, 2))
+    await world.transfer("agent101", "13800000042", refer_to(env, "102"))
+
+
+async def transfer_outside(world: World, env: DevEnv) -> None:
+    """agent101 transfers to an outside number: refused, back to agent101 (answers after 1 s)."""
+    await world.set_phone("13800000043", "agent101", answer(2, 120))
+    await world.set_phone("13800000043", "agent102", IGNORE)
+    await world.call(HOTLINE, "13800000043", "转外线")
+    await asyncio.sleep(4)
+    await world.set_phone("13800000043", "agent101", answer(1, 2))
+    await world.transfer("agent101", "13800000043", refer_to(env, "13800138000"))
+
+
+async def transfer_attended(world: World, env: DevEnv) -> None:
+    """agent101 answers after 3 s, consults 102 (answers after 2 s), hands the caller over; the caller
+    talks 3 s with agent102 and hangs up."""
+    await world.set_phone("13800000044", "agent101", answer(3, 120))
+    await world.set_phone("13800000044", "agent102", IGNORE)
+    await world.set_phone("agent101", "agent102", answer(2, 120))  # the consultation comes from agent101
+    await world.call(HOTLINE, "13800000044", "咨询转接")
+    await asyncio.sleep(4)
+    await world.dial_out("agent101", "102")
+    await asyncio.sleep(4)
+    pbx = f"{env.sandbox['pbx_ip']}:{env.sandbox['sip_port']}"
+    await world.attended_transfer("agent101", "13800000044", "102", pbx)
+    await asyncio.sleep(3)
+    await world.hang_up_caller("13800000044")
+
+
+async def mobile_progress_only(world: World, env: DevEnv) -> None:
+    """After hours; the carrier sends 183 (early media, no 180); the mobile answers after 3 s."""
+    await world.set_phone("13800000051", env.duty_mobile, answer_after_progress(3, 2))
+    await world.call(HOTLINE, "13800000051", "183")
+
+
+async def mobile_late_ringing(world: World, env: DevEnv) -> None:
+    """After hours; 180 only after 2 s of silence; the mobile answers 3 s later."""
+    await world.set_phone("13800000052", env.duty_mobile, answer_after_silence(2, 3, 2))
+    await world.call(HOTLINE, "13800000052", "迟振铃")
+
+
+async def mobile_17s(world: World, env: DevEnv) -> None:
+    """After hours; the mobile answers after 17 s: past the three-ring limit."""
+    await world.set_phone("13800000053", env.duty_mobile, answer(17, 1))
+    await world.call(HOTLINE, "13800000053", "手机超时")
+
+
 SCENARIOS: dict[str, tuple[Scenario, float]] = {
+    "transfer_blind": (transfer_blind, 14),
+    "transfer_unanswered": (transfer_unanswered, 28),
+    "transfer_outside": (transfer_outside, 6),
+    "transfer_attended": (transfer_attended, 3),
+    "mobile_progress_only": (mobile_progress_only, 8),
+    "mobile_late_ringing": (mobile_late_ringing, 10),
+    "mobile_17s": (mobile_17s, 21),
     "adopted_mid_call": (adopted_mid_call, 12),
     "attack_callerid_injection": (attack_callerid_injection, 2),
     "answered_7s_talk_4s": (answered_7s_talk_4s, 14),
@@ -188,7 +273,8 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "site_answer_voicemail": (site_answer_voicemail, 11),
     "site_member_voicemail": (site_member_voicemail, 11),
 }
-CLOSED = {"after_hours_forwarded", "after_hours_voicemail"}  # captured with the routing state "closed"
+# captured with the routing state "closed"
+CLOSED = {"after_hours_forwarded", "after_hours_voicemail", "mobile_progress_only", "mobile_late_ringing", "mobile_17s"}
 
 
 async def set_routing_state(env: DevEnv, open_: bool) -> None:

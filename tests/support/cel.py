@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pbx_bridge.cel.builder import CelRow
+from pbx_bridge.cel.builder import CelRow, attended_target
 
 CEL_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cel"
 
@@ -16,10 +16,15 @@ def cel_rows(name: str) -> list[CelRow]:
 
 
 def cel_calls(name: str) -> dict[str, list[CelRow]]:
-    """The scenario's rows by linkedid."""
+    """The scenario's rows by linkedid, as the reconcile reads them: with a call's rows, those of
+    the colleague its attended transfer handed the caller to (under the consultation's linkedid)."""
+    rows = cel_rows(name)
     calls: dict[str, list[CelRow]] = {}
-    for row in cel_rows(name):
+    for row in rows:
         calls.setdefault(row.linkedid, []).append(row)
+    for linkedid, own in list(calls.items()):
+        targets = {t for r in own if (t := attended_target(r))}
+        calls[linkedid] = own + [r for r in rows if r.uniqueid in targets and r.linkedid != linkedid]
     return calls
 
 

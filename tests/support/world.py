@@ -13,6 +13,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 from pbx_bridge.ami.client import AmiClient
 from pbx_bridge.ami.wire import AmiMessage
@@ -23,6 +24,23 @@ from tests.support.env import DevEnv
 def answer(after: float, talk: float) -> str:
     """Phone plan: ring `after` seconds, answer, talk `talk` seconds, hang up."""
     return f"answer:{after:g}:{talk:g}"
+
+
+def answer_after_silence(silent: float, after: float, talk: float) -> str:
+    """Phone plan of a far end that sends 180 Ringing only after `silent` seconds, then rings
+    `after` seconds, answers and talks `talk` seconds."""
+    return f"ring:{silent:g}:{after:g}:{talk:g}"
+
+
+def answer_after_progress(after: float, talk: float) -> str:
+    """Phone plan of a far end that sends 183 Session Progress (early media, no 180), answers
+    after `after` seconds and talks `talk` seconds."""
+    return f"progress:{after:g}:{talk:g}"
+
+
+def answer_without_ringing(after: float, talk: float) -> str:
+    """Phone plan of a far end that signals no ringing at all, answers after `after` seconds."""
+    return f"silent:{after:g}:{talk:g}"
 
 
 BUSY = "busy"
@@ -70,6 +88,52 @@ class World:
             "Timeout": "3600000",  # Originate's own 30 s default would hang up long-ringing callers
         })
 
+
+    async def phone_channel(self, phone: str, caller_number: str) -> str:
+        """The channel on which `phone` is talking with (or rung by) `caller_number`."""
+        listing = await self._client.send_action({"Action": "CoreShowChannels"}, as_list=True)
+        found = [str(m.get("Channel")) for m in listing
+                 if m.get("Event") == "CoreShowChannel" and m.get("Context") == "phone" and m.get("Exten") == phone
+                 and m.get("CallerIDNum") == caller_number]
+        if len(found) != 1:
+            raise RuntimeError(f"{phone} has {len(found)} calls from {caller_number}")
+        return found[0]
+
+    async def transfer(self, phone: str, caller_number: str, refer_to: str) -> None:
+        """`phone`, on a call with `caller_number`, transfers it by SIP REFER to `refer_to` (a SIP
+        URI, e.g. sip:103@<pbx address>: a blind transfer)."""
+        channel = await self.phone_channel(phone, caller_number)
+        await self.action({"Action": "Setvar", "Channel": channel, "Variable": "XFER_REFER_TO", "Value": refer_to})
+        await self.action({"Action": "Redirect", "Channel": channel, "Context": "phone-transfer", "Exten": "go",
+                           "Priority": "1"})
+
+    async def attended_transfer(self, phone: str, caller_number: str, extension: str, pbx: str) -> None:
+        """`phone`, on a call with `caller_number`, has consulted `extension` (`dial_out`); it now
+        hands the caller over: a REFER whose Refer-To carries Replaces naming the consultation's
+        dialog (RFC 3891; to-tag is the pbx's tag of it, from-tag the phone's), as IP phones do."""
+        listing = await self._client.send_action({"Action": "CoreShowChannels"}, as_list=True)
+        consults = [str(m.get("Channel")) for m in listing if m.get("Event") == "CoreShowChannel"
+                    and str(m.get("Channel")).startswith(f"PJSIP/as-{phone}-")]
+        if len(consults) != 1:
+            raise RuntimeError(f"{phone} has {len(consults)} consultation calls")
+        dialog = {}
+        for name in ("call-id", "local_tag", "remote_tag"):
+            reply = await self.action({"Action": "Getvar", "Channel": consults[0],
+                                       "Variable": f"CHANNEL(pjsip,{name})"})
+            dialog[name] = str(reply.get("Value") or "")
+        replaces = (f"{quote(dialog['call-id'], safe='')}%3Bto-tag%3D{quote(dialog['remote_tag'], safe='')}"
+                    f"%3Bfrom-tag%3D{quote(dialog['local_tag'], safe='')}")
+        await self.transfer(phone, caller_number, f"<sip:{extension}@{pbx}?Replaces={replaces}>")
+
+    async def hang_up_caller(self, caller_number: str) -> None:
+        """The outside caller `caller_number` puts the phone down."""
+        listing = await self._client.send_action({"Action": "CoreShowChannels"}, as_list=True)
+        mine = [str(m.get("Channel")) for m in listing if m.get("Event") == "CoreShowChannel"
+                and m.get("Context") == "outside-caller" and m.get("CallerIDNum") == caller_number]
+        if not mine:
+            raise RuntimeError(f"no call from {caller_number}")
+        for channel in mine:
+            await self.action({"Action": "Hangup", "Channel": channel})
 
     async def dial_out(self, phone: str, digits: str) -> None:
         """Phone `phone` (an endpoint on the pbx: a hotline phone, or office201) dials `digits`.

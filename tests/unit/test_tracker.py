@@ -325,7 +325,48 @@ def test_duty_mobile_not_answering_leads_to_voicemail() -> None:
     [call] = [d.record for d in decisions if isinstance(d, CallEnded)]
     assert call.disposition is Disposition.VOICEMAIL
     assert (call.forwarded_to, call.duty_holder, call.answered_by) == (DUTY_MOBILE, DUTY_HOLDER, None)
-    assert [d.kind for d in decisions if isinstance(d, Violation)] == [ViolationKind.UNANSWERED]
+    # The mobile rang its 25 s unanswered: past the limit too (every phone, seed 004), raised at
+    # the end here because no tick came while it rang.
+    assert [(d.kind, d.detail("stage")) for d in decisions if isinstance(d, Violation)] == [
+        (ViolationKind.RING_LIMIT, "mobile"), (ViolationKind.UNANSWERED, None)]
+    assert call.mobile_ring_seconds == pytest.approx(25, abs=0.5) and call.mobile_within_ring_limit is False
+    assert not any(isinstance(d, Violation) for d in run(fixture_messages("after_hours_voicemail"),
+                                                         replace(SETTINGS, mobile_ring_limit=False))[1]
+                   if isinstance(d, Violation) and d.kind is ViolationKind.RING_LIMIT)
+
+
+def test_a_mobile_ringing_past_the_limit_is_reported_live_once() -> None:
+    messages = fixture_messages("after_hours_voicemail")
+    # the mobile's leg (out on the trunk) starts ringing: DialState RINGING/PROGRESS from the carrier
+    at = next(i for i, m in enumerate(messages) if m.event == "DialState"
+              and m.get("DestChannel").startswith("PJSIP/carrier-") and m.get("DialStatus") in ("RINGING", "PROGRESS"))
+    ringing = messages[at].timestamp
+    assert ringing is not None
+    state, before = run(messages[: at + 1])
+    state, early = apply(state, Tick(ringing + timedelta(seconds=14.9)), SETTINGS)
+    assert not [d for d in before + early if isinstance(d, Violation)]
+    state, due = apply(state, Tick(ringing + timedelta(seconds=15.1)), SETTINGS)
+    [violation] = due
+    assert isinstance(violation, Violation) and violation.kind is ViolationKind.RING_LIMIT
+    assert (violation.detail("stage"), violation.detail("mobile")) == ("mobile", DUTY_MOBILE)
+    # 15 s after the mobile's first ringing (its Newstate Ringing came a moment before the DialState)
+    assert abs(violation.occurred_at - (ringing + timedelta(seconds=15))) < timedelta(milliseconds=50)
+    state, again = apply(state, Tick(ringing + timedelta(seconds=16)), SETTINGS)
+    assert again == []
+    rest: list[Decision] = []
+    for message in messages[at + 1:]:
+        state, decisions = apply(state, message, SETTINGS)
+        rest.extend(decisions)
+    assert [d.kind for d in rest if isinstance(d, Violation)] == [ViolationKind.UNANSWERED]  # not twice
+
+
+def test_the_callers_wait_and_the_mobiles_ring_time() -> None:
+    [forwarded] = ended("after_hours_forwarded")
+    assert forwarded.mobile_ring_seconds == pytest.approx(2, abs=0.5) and forwarded.mobile_within_ring_limit
+    assert forwarded.wait_seconds == pytest.approx(2, abs=0.5)  # the mobile answered after 2 s
+    [answered] = ended("answered_7s_talk_4s")
+    assert answered.wait_seconds == pytest.approx(7, abs=0.5) and answered.mobile_ring_seconds is None
+    assert answered.wait_seconds is not None and answered.wait_seconds >= (answered.ring_seconds or 0)
 
 
 def test_every_phone_busy_in_hours_goes_through_every_stage_to_voicemail() -> None:
