@@ -1,13 +1,13 @@
 """The ops HTTP API (aiohttp), served inside the daemon's own event loop.
 
 GET /healthz, GET /metrics, GET /calls/live, GET|PUT /duty, POST /probes, GET /probes/{id},
-GET|PUT /calls/{linkedid}/note, GET /openapi.json.
+GET|PUT /calls/{linkedid}/note, GET /agents, PUT /agents/{agent}/presence, GET /openapi.json.
 
 Who may do what is decided on the matched route, never on the raw path: /healthz, /metrics and
 /openapi.json are public; every other request, an unknown path included, needs
 `Authorization: Bearer <token>`, one of the named tokens of [api] (compared in constant time with
 every one of them), whose role must be allowed on the route (ROUTES: ops, agent, viewer). Who
-acted (the roster, call sheets) is recorded as the token's name, never taken from the body.
+acted (the roster, call sheets, agents' presence) is recorded as the token's name, never taken from the body.
 Handlers use a small pool of database connections of their own (ApiDatabase): many requests
 wait briefly, then get 503, and never take connections the call writer needs. Bodies are
 validated with pydantic; every error is JSON `{"error": ..., "detail": ...}`. No request can
@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -49,12 +50,25 @@ from pbx_bridge.notes import (
     save_sheet,
 )
 from pbx_bridge.probes import ProbeRunner, RateLimitedError
+from pbx_bridge.storage.presence import (
+    MAX_REASON,
+    AlreadyInStateError,
+    LastAgentError,
+    Presence,
+    PresenceOrderError,
+    UnknownAgentError,
+    current_presence,
+    sign_in,
+    sign_out,
+)
 from pbx_bridge.tracker.tracker import TrackerState, live_calls
 
 log = structlog.get_logger("pbx_bridge.api")
 
 MAX_BODY_BYTES = 64 * 1024
 ROSTER_LOCK = 0x7062786475  # "pbxdu": one roster replacement at a time (advisory lock)
+AGENT_NAME = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")  # a PJSIP endpoint name, as agent_presence checks it
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class LiveState:
@@ -158,6 +172,10 @@ OPS: Final[frozenset[Role]] = frozenset({"ops"})
 AGENT: Final[frozenset[Role]] = frozenset({"agent"})
 
 
+def _always_open() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class ApiContext:
     """What the handlers need from the daemon."""
@@ -171,6 +189,9 @@ class ApiContext:
     mobile_pattern: str
     on_roster_change: Callable[[], Awaitable[object]]
     probes: ProbeRunner | None = None
+    agents: Sequence[str] = ()  # the configured agents' endpoints, whose presence the API shows and sets
+    is_open: Callable[[], bool] = _always_open  # business hours now: the last agent may not sign out
+    on_presence_change: Callable[[], Awaitable[object]] | None = None  # republish the dial string
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -453,6 +474,88 @@ async def put_note(request: web.Request) -> web.Response:
     return response
 
 
+class PresenceChange(BaseModel):
+    """PUT /agents/{agent}/presence: sign the agent out (with an optional reason) or back in.
+
+    Who made the change is never taken from here: the API records the name of the token used.
+    """
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+
+    state: Literal["out", "in"]
+    reason: str = Field(default="", max_length=MAX_REASON)
+
+    @field_validator("reason")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if _CONTROL.search(value):
+            raise ValueError("must be one line of text without control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _reason_with_out(self) -> PresenceChange:
+        if self.state == "in" and self.reason:
+            raise ValueError("a reason goes with a sign-out (state out) only")
+        return self
+
+
+def _presence_json(presence: Presence) -> dict[str, Any]:
+    out = presence.signed_out_at
+    return {"agent": presence.agent, "state": "in" if out is None else "out",
+            "since": None if out is None else out.isoformat(), "reason": presence.reason, "set_by": presence.set_by}
+
+
+async def get_agents(request: web.Request) -> web.Response:
+    """Every configured agent: signed in, or signed out since when, why and how."""
+    context = request.app[CONTEXT]
+    async with context.database.connection() as conn:
+        presence = await current_presence(conn, context.agents)
+    return _json({"agents": [_presence_json(p) for p in presence]})
+
+
+async def put_presence(request: web.Request) -> web.Response:
+    """Sign an agent out or back in; who did it is the token's name. The last agent signed in may
+    not sign out during business hours (409). The PBX is told at once (on_presence_change)."""
+    context = request.app[CONTEXT]
+    agent = request.match_info["agent"]
+    if not AGENT_NAME.fullmatch(agent) or agent not in context.agents:
+        return error(404, "no such agent")
+    raw = await request.read()
+    if len(raw) > MAX_BODY_BYTES:
+        return error(413, "body too large")
+    try:
+        change = PresenceChange.model_validate_json(raw)
+    except ValidationError as exc:
+        return error(422, "invalid presence change", _invalid(exc))
+    actor = request[CALLER].name
+    at = datetime.now(UTC)
+    try:
+        async with context.database.connection() as conn:
+            if change.state == "out":
+                presence = await sign_out(conn, agent, at, agents=context.agents, open_now=context.is_open(),
+                                          reason=change.reason, set_by="api", actor=actor)
+            else:
+                presence = await sign_in(conn, agent, at, agents=context.agents, set_by="api", actor=actor)
+    except UnknownAgentError:
+        return error(404, "no such agent")
+    except AlreadyInStateError as exc:
+        return error(409, str(exc), _presence_json(exc.current))
+    except LastAgentError as exc:
+        return error(409, str(exc), {"open": True})
+    except PresenceOrderError as exc:
+        return error(409, "the agent's last change is later than now (has the clock gone back?)",
+                     {"last_change": exc.last.isoformat()})
+    log.info("agent_presence_changed", agent=agent, state=change.state, reason=change.reason or None, by=actor)
+    published = False
+    if context.on_presence_change is not None:
+        try:
+            await context.on_presence_change()  # the dial string leaves out (or takes back) the agent
+            published = True
+        except Exception:  # stored all the same: the next routing publish carries it
+            log.exception("agent_presence_publish_failed", agent=agent)
+    return _json(_presence_json(presence) | {"published": published})
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 description of this API; who may call what comes from ROUTES."""
     error_schema = {"type": "object", "properties": {"error": {"type": "string"}, "detail": {}}}
@@ -466,7 +569,8 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Error": error_schema, "RosterUpdate": RosterUpdate.model_json_schema(
                 ref_template="#/components/schemas/{model}")} | {
-                "RosterEntry": RosterEntry.model_json_schema(), "CallSheet": CallSheet.model_json_schema()},
+                "RosterEntry": RosterEntry.model_json_schema(), "CallSheet": CallSheet.model_json_schema(),
+                "PresenceChange": PresenceChange.model_json_schema()},
         },
         "paths": {
             "/healthz": {"get": {"summary": "Component health",
@@ -510,6 +614,21 @@ def openapi_document() -> dict[str, Any]:
                                       "412": json_error | {"description": "changed meanwhile"},
                                       "422": json_error | {"description": "invalid"}, "503": unavailable}},
             },
+            "/agents": {"get": {"summary": "Every configured agent's presence: state in or out, since, reason, "
+                                           "set_by",
+                                "responses": {"200": {"description": "agents"}, "503": unavailable}}},
+            "/agents/{agent}/presence": {
+                "parameters": [{"name": "agent", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "put": {"summary": "Sign an agent out (with an optional reason) or back in; recorded with the "
+                                   "token's name as who did it",
+                        "requestBody": {"required": True, "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/PresenceChange"}}}},
+                        "responses": {"200": {"description": "the agent's new presence"},
+                                      "404": json_error | {"description": "not a configured agent"},
+                                      "409": json_error | {"description": "already in that state, or the last "
+                                                                          "agent signed in during business hours"},
+                                      "422": json_error | {"description": "invalid"}, "503": unavailable}},
+            },
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "json"}}}},
         },
     }
@@ -545,6 +664,8 @@ ROUTES: Final[tuple[tuple[str, str, Callable[[web.Request], Awaitable[web.Stream
     ("GET", "/probes/{id}", get_probe, OPS),
     ("GET", "/calls/{linkedid}/note", get_note, AGENT),  # customer data: agents only
     ("PUT", "/calls/{linkedid}/note", put_note, AGENT),
+    ("GET", "/agents", get_agents, EVERY_ROLE),  # who is signed out, and why
+    ("PUT", "/agents/{agent}/presence", put_presence, OPS),
 )
 
 

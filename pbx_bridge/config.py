@@ -536,6 +536,44 @@ class ReportSettings(Section):
     _check_clock = field_validator("daily_at")(_clock_time)
 
 
+FEATURE_CODE = re.compile(r"\A[*#][0-9]{1,6}\Z")
+
+
+class PresenceSettings(Section):
+    """[presence]: agents sign out for a break and back in from their phone (feature codes); the
+    agent group rings only those signed in. No agents listed: presence is off (every phone rings)."""
+
+    agents: list[str] = []  # the agent group's phones (PJSIP endpoints), in ring order
+    sign_out_code: str = "*21"
+    sign_in_code: str = "*22"
+    status_code: str = "*23"
+    break_minutes_per_day: float = Field(default=30.0, gt=0, le=24 * 60)
+
+    @field_validator("agents")
+    @classmethod
+    def _endpoints(cls, agents: list[str]) -> list[str]:
+        bad = [a for a in agents if not ENDPOINT_NAME.fullmatch(a)]
+        if bad:
+            raise ValueError(f"not PJSIP endpoint names: {bad}")
+        if len(set(agents)) != len(agents):
+            raise ValueError("an agent is listed twice")
+        return agents
+
+    @field_validator("sign_out_code", "sign_in_code", "status_code")
+    @classmethod
+    def _code(cls, code: str) -> str:
+        if not FEATURE_CODE.fullmatch(code):
+            raise ValueError(f"{code!r} is not a feature code: * or # and 1 to 6 digits, e.g. *21")
+        return code
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PresenceSettings:
+        codes = [self.sign_out_code, self.sign_in_code, self.status_code]
+        if len(set(codes)) != 3:
+            raise ValueError(f"sign_out_code, sign_in_code and status_code must differ: {codes}")
+        return self
+
+
 class ReconcileSettings(Section):
     """[reconcile]: rebuilding from CEL the records of hotline calls AMI did not see end (at start,
     after every AMI login, and every interval; `pbx-bridge reconcile` does it for a range)."""
@@ -572,6 +610,7 @@ class Settings(Section):
     smtp: SmtpSettings = SmtpSettings()
     report: ReportSettings = ReportSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
+    presence: PresenceSettings = PresenceSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("timezone")

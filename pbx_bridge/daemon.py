@@ -40,6 +40,7 @@ from pbx_bridge.eventclock import EventClock
 from pbx_bridge.lifecycle import Service, Task, run_services
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.notes import COMPLAINT_OVERDUE, ComplaintWatch
+from pbx_bridge.presence import PresenceDesk
 from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
 from pbx_bridge.report import DailyReportScheduler
 from pbx_bridge.routing import Clock, RoutingPublisher
@@ -57,6 +58,7 @@ from pbx_bridge.tracker import (
     HangupChannel,
     LiveChannel,
     NeedsReconcile,
+    PresenceRequest,
     ProbeArrived,
     SecurityAlert,
     Tick,
@@ -200,6 +202,9 @@ def _log_decision(decision: Decision) -> None:
     if isinstance(decision, ProbeArrived):
         log.info("line_probe_arrived", nonce=decision.nonce, linkedid=decision.linkedid)
         return
+    if isinstance(decision, PresenceRequest):
+        log.info("presence_requested", agent=decision.agent, action=decision.action)
+        return
     if isinstance(decision, NeedsReconcile):
         log.warning("call_needs_reconcile", linkedid=decision.record.linkedid, did=decision.record.did,
                     caller=decision.record.caller_number,
@@ -298,6 +303,7 @@ class Outputs:
     trunk: TrunkHealth
     security: SecurityReporter
     reconcile: Callable[[str], None]  # rebuild this call from CEL once it has ended
+    presence: PresenceDesk | None = None  # [presence] agents listed: their feature codes are answered
 
 
 def record_violation(violation: Violation, out: Outputs) -> None:
@@ -355,6 +361,10 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
                 continue
             if isinstance(decision, CallLost | NeedsReconcile):
                 out.reconcile(decision.record.linkedid)
+                continue
+            if isinstance(decision, PresenceRequest):
+                if out.presence is not None:
+                    out.presence.submit(decision)
                 continue
             if isinstance(decision, HangupChannel):
                 continue  # a hangup's violation is recorded once Asterisk confirmed its target; CEL settles the rest
@@ -438,7 +448,10 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     )
     clock = Clock.from_environment()
     publisher = RoutingPublisher(ami, settings.hours.schedule(settings.zone), settings.duty, clock, connect,
-                                 settings.hotline.state_refresh_seconds, metrics)
+                                 settings.hotline.state_refresh_seconds, metrics, settings.presence.agents)
+    desk = PresenceDesk(ami, connect, settings.presence.agents,
+                        is_open=lambda: publisher.current is None or publisher.current.open,
+                        republish=publisher.publish, alert=alerter.submit) if settings.presence.agents else None
     live = LiveState()
     metrics.watch(reconnects=lambda: ami.reconnects, pending=lambda: writer.pending,
                   lag=lambda: 0.0 if writer.oldest_pending_since is None
@@ -459,7 +472,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
                             settle=timedelta(seconds=settings.reconcile.settle_seconds),
                             on_violation=lambda violation: reconciled_violation(violation, metrics, alerter),
                             metrics=metrics)
-    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security, reconciler.rebuild)
+    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security, reconciler.rebuild, desk)
     api_database = ApiDatabase(dsn)  # the API's own small pool: requests never starve the writer
     api = create_app(ApiContext(
         metrics=metrics, live=live, database=api_database,
@@ -467,7 +480,9 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
                               reconciler),
         critical=frozenset({"ami", "database"}),
         tokens=settings.api.resolved_tokens(),
-        mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes))
+        mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes,
+        agents=tuple(settings.presence.agents), is_open=lambda: publisher.current is None or publisher.current.open,
+        on_presence_change=publisher.publish))
     host, port = settings.api.host_port
     if settings.duty.mobile is None:
         log.warning("no_duty_mobile", effect="after-hours calls go to voicemail", fix="set [duty] mobile")
@@ -480,6 +495,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
 
     reconciling: list[Service] = [reconciler] if settings.reconcile.enabled else []
     probing: list[Service] = [probes, scheduler] if probes is not None and scheduler is not None else []
+    presence: list[Service] = [desk] if desk is not None else []
     services: list[Service] = [  # in stop order: producers first, the writer last
         publisher,
         Task("pbx-lock", lambda: pbx_lock.keep(shutting_down, alerter.submit), shutting_down.set),
@@ -494,6 +510,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         reports,
         *reconciling,
         *probing,
+        *presence,
         writer,  # last: it drains what the tracker produced
     ]
     try:

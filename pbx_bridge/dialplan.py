@@ -87,4 +87,12 @@ def render(settings: Settings, source: str = "") -> str:
     for interval, days in sorted(by_interval.items()):
         lines.append(f" same => n,GotoIfTime({gotoiftime_range(interval)},{_weekday_ranges(days)},*,*,{zone}?open)")
     lines += [" same => n,Return()", " same => n(open),Set(HOTLINE_OPEN=1)", " same => n,Return()", ""]
+    presence = settings.presence
+    lines += ["; The agents' feature codes ([presence]): sign out for a break, sign back in, hear one's state.",
+              "[hotline-feature-codes]"]
+    if presence.agents:
+        lines += [f"exten => {presence.sign_out_code},1,Goto(hotline-presence,out,1)",
+                  f"exten => {presence.sign_in_code},1,Goto(hotline-presence,in,1)",
+                  f"exten => {presence.status_code},1,Goto(hotline-presence,status,1)"]
+    lines.append("")
     return "\n".join(lines)

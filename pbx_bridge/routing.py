@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -27,11 +27,13 @@ from pbx_bridge.config import DutySettings
 from pbx_bridge.dialplan import b64
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.schedule import Override, Schedule, parse_hours
+from pbx_bridge.storage.presence import current_presence
 
 log = structlog.get_logger("pbx_bridge.routing")
 
 STATE_GLOBALS = {"open": "HOTLINE_STATE_OPEN", "mobile": "HOTLINE_STATE_MOBILE",
-                 "holder_b64": "HOTLINE_STATE_HOLDER_B64", "updated": "HOTLINE_STATE_UPDATED"}
+                 "holder_b64": "HOTLINE_STATE_HOLDER_B64", "phones": "HOTLINE_STATE_PHONES",
+                 "updated": "HOTLINE_STATE_UPDATED"}
 FAKE_NOW_ENV = "PBX_BRIDGE_FAKE_NOW"
 
 
@@ -71,6 +73,7 @@ class RoutingState:
     mobile: str | None
     holder: str
     reason: str
+    signed_in: tuple[str, ...] = ()  # [presence] agents signed in, in ring order (none: presence off)
 
 
 def routing_state(schedule: Schedule, now: datetime, duty: DutySettings,
@@ -117,8 +120,10 @@ class RoutingPublisher:
     name = "routing"  # its task's name (lifecycle.Service)
 
     def __init__(self, ami: AmiClient, schedule: Schedule, duty: DutySettings, clock: Clock, connect: Connect,
-                 refresh_seconds: float, metrics: Metrics) -> None:
+                 refresh_seconds: float, metrics: Metrics, presence_agents: Sequence[str] = ()) -> None:
         self._ami = ami
+        self._agents = tuple(presence_agents)
+        self._signed_out: frozenset[str] = frozenset()  # last known (the database may be down)
         self._schedule = schedule
         self._duty = duty
         self._clock = clock
@@ -167,13 +172,18 @@ class RoutingPublisher:
         rostered, overrides = await self._from_database(now)
         self._effective = self._schedule.with_overrides(overrides)
         state = routing_state(self._effective, now, self._duty, rostered)
+        state = replace(state, signed_in=tuple(a for a in self._agents if a not in self._signed_out))
         self._warn_if_calendar_missing(now)
         # The heartbeat last: the dialplan trusts the other values only once it is fresh.
+        # Nobody signed in (presence off, or all out while closed): "" makes the dialplan ring the
+        # site's whole group, so the line is never left uncovered.
+        phones = "&".join(f"PJSIP/{agent}" for agent in state.signed_in)
         for key, value in (("open", "1" if state.open else "0"), ("mobile", state.mobile or ""),
-                           ("holder_b64", b64(state.holder)), ("updated", str(int(time.time())))):
+                           ("holder_b64", b64(state.holder)), ("phones", phones), ("updated", str(int(time.time())))):
             await set_global(self._ami, STATE_GLOBALS[key], value)
         if announce or state != self.current:
             log.info("routing_state_published", after_login=announce, open=state.open, mobile=state.mobile,
+                     signed_in=list(state.signed_in) if self._agents else None,
                      holder=state.holder, reason=state.reason,
                      business_time=now.astimezone(self._schedule.zone).isoformat())
         self.current = state
@@ -188,6 +198,9 @@ class RoutingPublisher:
             try:
                 rostered = await rostered_duty(conn, now)
                 self._db_overrides = await database_overrides(conn, now.astimezone(self._schedule.zone).date())
+                if self._agents:
+                    self._signed_out = frozenset(
+                        p.agent for p in await current_presence(conn, self._agents) if p.signed_out_at is not None)
             finally:
                 await conn.close()
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:

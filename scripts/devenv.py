@@ -106,6 +106,11 @@ caller_id = "{settings["probe_caller"]}"
 timeout_seconds = 10
 manual_min_interval_seconds = 5
 
+[presence]
+# The agent group (HOTLINE_PHONES of the sandbox's extensions_site.conf): they sign out for a
+# break with *21, back in with *22, and hear their state with *23.
+agents = ["agent101", "agent102"]
+
 [api]
 listen = "127.0.0.1:18400"
 {tokens}""")

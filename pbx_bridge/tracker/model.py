@@ -204,5 +204,16 @@ class NeedsReconcile:
 
 
 RecordWrite = CallStarted | CallEnded | Violation
+@dataclass(frozen=True, slots=True)
+class PresenceRequest:
+    """An agent dialled a presence feature code (keyed UserEvent AgentPresence): the daemon decides
+    and answers on `channel` (PRESENCE_RESULT), which waits for it."""
+
+    agent: str
+    action: str  # out | in | status
+    channel: str
+    at: datetime
+
+
 Decision = (CallStarted | CallEnded | CallLost | Violation | HangupChannel | ProbeArrived | SecurityAlert
-            | NeedsReconcile)
+            | NeedsReconcile | PresenceRequest)

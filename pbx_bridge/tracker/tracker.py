@@ -26,6 +26,7 @@ from pbx_bridge.tracker.model import (
     HangupChannel,
     LiveChannel,
     NeedsReconcile,
+    PresenceRequest,
     ProbeArrived,
     SecurityAlert,
     Tick,
@@ -45,7 +46,8 @@ KNOWN_STAGES = frozenset({"group", "escalation", "after_hours", "mobile", "voice
 TRANSFER_STAGES = frozenset({"transfer", "transfer_return"})
 # The UserEvents our dialplan raises: trusted only with the dialplan's key (TrackerSettings.event_key).
 DIALPLAN_EVENTS = frozenset({"HotlineStage", "HotlineProbe", "OutboundAttempt", "HotlineRefused", "HotlineTransfer",
-                             "InternalCall"})
+                             "InternalCall", "AgentPresence"})
+PRESENCE_ACTIONS = frozenset({"out", "in", "status"})
 ANSWERING_STAGES = frozenset({"group", "escalation", "mobile"})
 # Bounds that hold however hostile the stream (events forged through a caller ID included):
 # far above a real hotline's load, far below exhausting memory.
@@ -166,6 +168,11 @@ def apply(
         return state, []
     if event.event == "UserEvent" and event.get("UserEvent") == "OutboundAttempt":
         return state, [_outbound_attempt(event, when)]
+    if event.event == "UserEvent" and event.get("UserEvent") == "AgentPresence":
+        action, channel = event.get("Action"), event.get("Channel")
+        if action not in PRESENCE_ACTIONS or not channel.startswith("PJSIP/"):
+            return state, []
+        return state, [PresenceRequest(event.get("Agent")[:64], action, channel[:128], when)]
     call = state.calls.get(linkedid)
     if call is None and (linkedid in state.consults or _is_consult_start(event)):
         return _advance_consult(state, event, when), []

@@ -175,6 +175,8 @@ async def test_metrics_and_openapi(api: Api) -> None:
     assert document["paths"]["/duty"]["put"]["x-roles"] == ["ops"]
     assert document["paths"]["/duty"]["get"]["x-roles"] == ["agent", "ops", "viewer"]
     assert document["paths"]["/calls/{linkedid}/note"]["get"]["x-roles"] == ["agent"]
+    assert document["paths"]["/agents"]["get"]["x-roles"] == ["agent", "ops", "viewer"]
+    assert document["paths"]["/agents/{agent}/presence"]["put"]["x-roles"] == ["ops"]
     assert document["paths"]["/healthz"]["get"]["security"] == []
 
 
@@ -280,6 +282,8 @@ async def request_of_each_route(api: Api, scratch_dsn: str) -> list[tuple[str, s
         ("GET", "/probes/0123456789abcdef", None, {"ops"}),  # 404 once allowed
         ("GET", f"/calls/{linkedid}/note", None, {"agent"}),
         ("PUT", f"/calls/{linkedid}/note", SHEET, {"agent"}),
+        ("GET", "/agents", None, {"ops", "agent", "viewer"}),
+        ("PUT", "/agents/agent101/presence", {"state": "out"}, {"ops"}),  # no agents configured: 404 once allowed
     ]
 
 

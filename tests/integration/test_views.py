@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from pbx_bridge.notes import CallSheet, record_overdue_complaints, save_sheet
+from pbx_bridge.storage.presence import sign_in, sign_out
 from tests.conftest import scratch_database
 from tests.support.env import DevEnv
 from tests.support.seed import add_call, add_leg, add_violation, local, utc_naive
@@ -26,10 +27,10 @@ from tests.support.seed import add_call, add_leg, add_violation, local, utc_naiv
 pytestmark = pytest.mark.integration
 
 VIEWS = ["v_call_log", "v_daily_kpi", "v_agent_daily", "v_callbacks_due", "v_violations", "v_line_health",
-         "v_unrecorded_calls", "v_hourly_load", "v_call_sheet"]
+         "v_unrecorded_calls", "v_hourly_load", "v_call_sheet", "v_agent_presence"]
 TABLES = ["calls", "call_legs", "cel", "policy_violations", "line_probes", "call_notes", "call_note_history",
           "duty_roster", "duty_roster_changes", "schedule_overrides", "bridge_settings", "report_deliveries",
-          "schema_migrations"]
+          "schema_migrations", "agent_presence"]
 
 
 async def add_outbound(conn: asyncpg.Connection, linkedid: str, dialled: str, at: str, answered: bool) -> None:
@@ -412,6 +413,11 @@ async def test_daemon_role_can_do_its_work_and_nothing_else(login_roles: dict[st
                            "VALUES ('ops', '[]', '[]')")
         await conn.fetch("SELECT * FROM v_daily_kpi")
         await conn.fetch("SELECT linkedid FROM cel LIMIT 1")  # the reconcile and v_callbacks_due read CEL
+        at = datetime(2030, 6, 12, 2, 0, tzinfo=UTC)
+        await sign_out(conn, "agent101", at, agents=["agent101", "agent102"], open_now=True, reason="午饭",
+                       set_by="phone", actor="agent101")
+        await sign_in(conn, "agent101", at + timedelta(minutes=30), agents=["agent101"], set_by="api", actor="ops")
+        await conn.fetch("SELECT * FROM v_agent_presence")
     conn = await asyncpg.connect(login_roles["pbx_bridge"])
     try:
         for statement in ["DELETE FROM calls", "DELETE FROM policy_violations", "TRUNCATE call_note_history",
@@ -419,7 +425,8 @@ async def test_daemon_role_can_do_its_work_and_nothing_else(login_roles: dict[st
                           "VALUES ('X', now())", "DROP TABLE calls", "CREATE TABLE mine (x int)",
                           "DELETE FROM call_notes", "INSERT INTO schedule_overrides (day, reason) VALUES "
                           "('2030-01-01', 'x')", "SELECT * FROM duty_roster_changes",
-                          "UPDATE duty_roster_changes SET changed_by = 'x'", "DELETE FROM duty_roster_changes"]:
+                          "UPDATE duty_roster_changes SET changed_by = 'x'", "DELETE FROM duty_roster_changes",
+                          "DELETE FROM agent_presence", "TRUNCATE agent_presence"]:
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute(statement)
     finally:

@@ -229,6 +229,14 @@ async def transfer_attended(world: World, env: DevEnv) -> None:
     await world.hang_up_caller("13800000044")
 
 
+async def presence_codes(world: World, env: DevEnv) -> None:
+    """agent102 dials *21 (sign out), then *23 (state), then *22 (sign in); no pbx-bridge answers,
+    so each waits its 3 s and hears "unavailable" (the events are what the tracker reads)."""
+    for code in ("*21", "*23", "*22"):
+        await world.dial_out("agent102", code)
+        await asyncio.sleep(4.5)
+
+
 async def mobile_progress_only(world: World, env: DevEnv) -> None:
     """After hours; the carrier sends 183 (early media, no 180); the mobile answers after 3 s."""
     await world.set_phone("13800000051", env.duty_mobile, answer_after_progress(3, 2))
@@ -252,6 +260,7 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "transfer_unanswered": (transfer_unanswered, 28),
     "transfer_outside": (transfer_outside, 6),
     "transfer_attended": (transfer_attended, 3),
+    "presence_codes": (presence_codes, 1),
     "mobile_progress_only": (mobile_progress_only, 8),
     "mobile_late_ringing": (mobile_late_ringing, 10),
     "mobile_17s": (mobile_17s, 21),

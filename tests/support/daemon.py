@@ -30,7 +30,10 @@ class BridgeProcess:
         self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 20.0) -> None:
-        """Start the daemon and wait until it has logged in to AMI."""
+        """Start the daemon and wait until it has logged in to AMI (a restart forgets the log of
+        the process before, so waits see the new one)."""
+        with self._lock:
+            self.lines, self.raw = [], []
         self._process = subprocess.Popen(
             [str(REPO / ".venv" / "bin" / "pbx-bridge"), "run", "--config", str(self.config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env)

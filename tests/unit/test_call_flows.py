@@ -4,9 +4,11 @@ CEL builder must tell the same story (the agreement test in test_cel_builder.py 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from pbx_bridge.tracker import CallEnded, Violation, ViolationKind
+from pbx_bridge.tracker import CallEnded, PresenceRequest, SecurityAlert, Violation, ViolationKind
 from pbx_bridge.tracker.model import CallLeg
 from tests.support.fixtures import fixture_messages
 from tests.unit.test_cel_builder import only
@@ -112,3 +114,22 @@ def test_a_mobile_answering_after_17_s_broke_the_limit() -> None:
     assert ended.record.disposition == "forwarded" and ended.record.mobile_within_ring_limit is False
     assert ended.record.mobile_ring_seconds == pytest.approx(17, abs=0.5)
     assert [(v.kind, v.detail("stage")) for v in violations] == [(ViolationKind.RING_LIMIT, "mobile")]
+
+
+def test_presence_feature_codes_become_requests_for_the_daemon() -> None:
+    """agent102 dialled *21, *23, *22 (captured): three requests, each naming the channel that waits
+    for the answer; nothing else is decided (no call, no outbound attempt)."""
+    _, decisions = run(fixture_messages("presence_codes"))
+    assert [(d.agent, d.action, d.channel.startswith("PJSIP/agent102-")) for d in decisions
+            if isinstance(d, PresenceRequest)] == [("agent102", "out", True), ("agent102", "status", True),
+                                                    ("agent102", "in", True)]
+    assert all(isinstance(d, PresenceRequest) for d in decisions)
+
+
+def test_a_forged_presence_event_is_dropped() -> None:
+    messages = fixture_messages("presence_codes")
+    forged = next(m for m in messages if m.get("UserEvent") == "AgentPresence")
+    forged = replace(forged, headers={**forged.headers, "key": "not-the-key"})
+    _, decisions = run([forged])
+    assert not any(isinstance(d, PresenceRequest) for d in decisions)
+    assert [d.reason for d in decisions if isinstance(d, SecurityAlert)] == ["forged_user_event"]

@@ -1,0 +1,153 @@
+"""End to end: agents sign out for a break and back in from their phone (feature codes *21, *22,
+*23 dialled on the world's phones), the agent group rings only those signed in, the last agent
+signed in during open hours may not sign out, and stale state makes every phone ring."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.e2e.conftest import OPEN_HOURS
+from tests.e2e.test_routing import legs_of
+from tests.support.calls import fetch, one_call
+from tests.support.daemon import BridgeProcess, derived_config
+from tests.support.env import DevEnv
+from tests.support.world import IGNORE, answer, connect_pbx_admin, connect_world, new_caller_number
+
+pytestmark = pytest.mark.e2e
+
+API_PORT = 18433
+
+
+async def everyone_signed_in(devenv: DevEnv) -> None:
+    await fetch(devenv.dsn, "UPDATE agent_presence SET signed_in_at = greatest(now(), signed_out_at), "
+                            "signed_in_by = 'test', signed_in_set_by = 'auto' WHERE signed_in_at IS NULL "
+                            "RETURNING agent")
+
+
+@pytest.fixture(autouse=True)
+async def clean_presence(devenv: DevEnv) -> AsyncIterator[None]:
+    """Each test starts with every agent signed in, whatever an earlier one left."""
+    await everyone_signed_in(devenv)
+    yield
+    await everyone_signed_in(devenv)
+
+
+@pytest.fixture
+async def alerts() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/alerts", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}/alerts", received
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def bridge(devenv: DevEnv, tmp_path: Path,
+                 alerts: tuple[str, list[dict[str, Any]]]) -> AsyncIterator[BridgeProcess]:
+    config = derived_config(devenv.config_path, tmp_path / "pbx-bridge.toml", API_PORT,
+                            f'[alerts]\nwebhook_url = "{alerts[0]}"\n')
+    process = BridgeProcess(config, business_time=OPEN_HOURS)
+    await asyncio.to_thread(process.start)
+    yield process
+    assert await asyncio.to_thread(process.stop) == 0
+
+
+async def dial_code(devenv: DevEnv, bridge: BridgeProcess, phone: str, code: str, answer_event: str,
+                    count: int = 1) -> None:
+    """`phone` dials a feature code; wait until pbx-bridge has answered it (`answer_event` logged)."""
+    async with connect_world(devenv) as world:
+        await world.dial_out(phone, code)
+    await asyncio.to_thread(bridge.wait_for, answer_event, 10, count, agent=phone)
+
+
+async def hotline_call(devenv: DevEnv, plans: dict[str, str]) -> Any:
+    number = new_caller_number()
+    async with connect_world(devenv) as world:
+        for phone, plan in plans.items():
+            await world.set_phone(number, phone, plan)
+        await world.call(devenv.hotline_numbers[0], number, "签出测试")
+    return await one_call(devenv.dsn, number, timeout=30), number
+
+
+async def test_a_signed_out_agent_is_not_rung_until_it_signs_back_in(bridge: BridgeProcess,
+                                                                     devenv: DevEnv) -> None:
+    await dial_code(devenv, bridge, "agent102", "*21", "agent_signed_out")
+    try:
+        await asyncio.to_thread(bridge.wait_for, "routing_state_published", 5, signed_in=["agent101"])
+        # agent102 would answer first (1 s) if it rang
+        row, number = await hotline_call(devenv, {"agent101": answer(2, 1), "agent102": answer(1, 1)})
+        assert row["answered_by"] == "agent101"
+        assert "agent102" not in await legs_of(devenv, number)
+        [period] = await fetch(devenv.dsn, "SELECT set_by, signed_out_by, signed_in_at FROM agent_presence "
+                                           "WHERE agent = 'agent102' ORDER BY id DESC LIMIT 1")
+        assert (period["set_by"], period["signed_out_by"], period["signed_in_at"]) == ("phone", "agent102", None)
+    finally:
+        await dial_code(devenv, bridge, "agent102", "*22", "agent_signed_in")
+    row, number = await hotline_call(devenv, {"agent101": answer(2, 1), "agent102": answer(1, 1)})
+    assert row["answered_by"] == "agent102"
+
+
+async def test_the_last_agent_signed_in_cannot_sign_out_during_open_hours(
+        bridge: BridgeProcess, devenv: DevEnv, alerts: tuple[str, list[dict[str, Any]]]) -> None:
+    await dial_code(devenv, bridge, "agent102", "*21", "agent_signed_out")
+    try:
+        await dial_code(devenv, bridge, "agent101", "*21", "last_agent_sign_out_refused")
+        deadline = time.monotonic() + 10
+        while not [a for a in alerts[1] if a.get("kind") == "last_agent_sign_out_refused"]:
+            assert time.monotonic() < deadline, alerts[1]
+            await asyncio.sleep(0.2)
+        open_periods = await fetch(devenv.dsn, "SELECT agent FROM agent_presence WHERE signed_in_at IS NULL")
+        assert [r["agent"] for r in open_periods] == ["agent102"]  # agent101 is still in
+    finally:
+        await dial_code(devenv, bridge, "agent102", "*22", "agent_signed_in")
+
+
+async def test_with_pbx_bridge_stopped_and_its_state_stale_every_phone_rings(
+        bridge: BridgeProcess, devenv: DevEnv) -> None:
+    await dial_code(devenv, bridge, "agent102", "*21", "agent_signed_out")
+    assert await asyncio.to_thread(bridge.stop) == 0  # agent102 stays signed out in the database
+    async with connect_pbx_admin(devenv) as pbx:
+        await pbx.set_routing_state(updated=str(int(time.time()) - 3600))  # stale
+        await pbx.set_global("HOTLINE_TEST_TIME", "2026/11/24 10:00:00 Asia/Shanghai")
+        try:
+            number = new_caller_number()
+            async with connect_world(devenv) as world:
+                await world.set_phone(number, "agent101", IGNORE)
+                await world.set_phone(number, "agent102", answer(1, 1))
+                await world.call(devenv.hotline_numbers[0], number, "状态过期")
+            rung = await legs_of(devenv, number)  # from CEL: no pbx-bridge is running
+        finally:
+            await pbx.set_global("HOTLINE_TEST_TIME", "")
+    assert {"agent101", "agent102"} <= rung  # the static group: everyone, the signed-out agent too
+    await asyncio.to_thread(bridge.start)
+    await dial_code(devenv, bridge, "agent102", "*22", "agent_signed_in")
+
+
+async def test_an_unknown_feature_code_is_refused_without_a_dial_out(bridge: BridgeProcess, devenv: DevEnv) -> None:
+    since = await fetch(devenv.dsn, "SELECT coalesce(max(id), 0) AS id FROM cel")
+    async with connect_world(devenv) as world:
+        await world.dial_out("agent101", "*29")
+    deadline = time.monotonic() + 10
+    while not (rows := await fetch(devenv.dsn, "SELECT extra FROM cel WHERE id > $1 AND eventtype = 'USER_DEFINED' "
+                                               "AND userdeftype = 'FeatureCodeUnknown'", since[0]["id"])):
+        assert time.monotonic() < deadline, "no FeatureCodeUnknown in CEL"
+        await asyncio.sleep(0.3)
+    assert "code=*29" in rows[0]["extra"]
+    attempts = await fetch(devenv.dsn, "SELECT details FROM policy_violations WHERE kind = 'outbound_attempt' "
+                                       "AND details ->> 'digits' = '*29'")
+    assert attempts == []  # a wrong code is not a dial-out
