@@ -169,6 +169,10 @@ class RingSettings(Section):
     # The three-ring limit applies to the duty mobile too (seed 004: every phone): a mobile that
     # rings past it is a `ring_limit` breach (stage mobile), raised live while it rings.
     mobile_limit: bool = True
+    # all: every available agent's phone rings at once. fair: the available agent who answered the
+    # fewest calls today (ties: idle longest) rings alone for the first ring period, then every
+    # available phone rings for the rest of the window (seed 000 话务分配: balanced workload).
+    strategy: Literal["all", "fair"] = "all"
 
     @property
     def limit_seconds(self) -> float:
@@ -548,6 +552,19 @@ class PresenceSettings(Section):
     sign_in_code: str = "*22"
     status_code: str = "*23"
     break_minutes_per_day: float = Field(default=30.0, gt=0, le=24 * 60)
+    # Lunch in rotation (seed 000: 11:30-12:30 / 12:30-13:30): time signed out inside these local
+    # windows does not count towards break_minutes_per_day. Empty: every minute counts.
+    lunch_windows: list[str] = []
+    # During open hours: an agent's phone without a registered contact this long is an alert, and
+    # one that answered every call BUSY this long (at least two calls) is off the hook.
+    phone_unreachable_minutes: float = Field(default=2.0, gt=0, le=24 * 60)
+    off_hook_minutes: float = Field(default=5.0, gt=0, le=24 * 60)
+
+    @field_validator("lunch_windows")
+    @classmethod
+    def _windows(cls, windows: list[str]) -> list[str]:
+        parse_hours(windows)  # HH:MM-HH:MM, not overlapping
+        return windows
 
     @field_validator("agents")
     @classmethod

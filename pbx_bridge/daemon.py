@@ -40,6 +40,7 @@ from pbx_bridge.eventclock import EventClock
 from pbx_bridge.lifecycle import Service, Task, run_services
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.notes import COMPLAINT_OVERDUE, ComplaintWatch
+from pbx_bridge.phones import PhoneWatch
 from pbx_bridge.presence import PresenceDesk
 from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
 from pbx_bridge.report import DailyReportScheduler
@@ -78,8 +79,14 @@ HOTLINE_NEVER_DIALS_OUT: Final = "the 400 line never dials out: line probes shou
 def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publisher: RoutingPublisher,
                   database: ApiDatabase, trunk: TrunkHealth,
                   reports: DailyReportScheduler, security: SecurityReporter,
-                  reconciler: Reconciler) -> dict[str, Component]:
+                  reconciler: Reconciler, phones: PhoneWatch | None = None) -> dict[str, Component]:
     """What /healthz reports: AMI and database are critical; the rest informs."""
+    async def phones_check() -> tuple[bool, dict[str, Any]]:
+        if phones is None:
+            return True, {"watched": False}
+        ok, details = phones.status()
+        return ok, {"watched": True, "phones": details}
+
     async def ami_check() -> tuple[bool, dict[str, Any]]:
         return ami.connected.is_set(), {"sessions": ami.sessions, "reconnects": ami.reconnects}
 
@@ -133,6 +140,7 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
     return {
         "ami": ami_check,
         "reconcile": reconcile_check,
+        "phones": phones_check,
         "trunk": trunk_check,
         "database": database_component(database),
         "writer": writer_check,
@@ -304,6 +312,8 @@ class Outputs:
     security: SecurityReporter
     reconcile: Callable[[str], None]  # rebuild this call from CEL once it has ended
     presence: PresenceDesk | None = None  # [presence] agents listed: their feature codes are answered
+    answered: Callable[[str, datetime], None] | None = None  # an agent's answered call ended ([ring] fair)
+    phones: PhoneWatch | None = None  # the agents' phones in working order
 
 
 def record_violation(violation: Violation, out: Outputs) -> None:
@@ -341,7 +351,11 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
             return
         if isinstance(event, AmiMessage) and event.event == "ContactStatus":
             out.trunk.observe(event)
+            if out.phones is not None:
+                out.phones.observe(event)
             continue
+        if out.phones is not None and isinstance(event, AmiMessage) and event.event == "DialEnd":
+            out.phones.observe(event)  # how each agent's phone answers (a handset left off the hook)
         state, decisions = apply(state, event, settings)
         out.live.state = state
         for decision in decisions:
@@ -374,6 +388,9 @@ async def consume(queue: asyncio.Queue[TrackerInput], settings: TrackerSettings,
                 if decision.record.ring_seconds is not None:
                     out.metrics.ring_seconds.observe(decision.record.ring_seconds)
                 out.live.last_customer_call_at = decision.record.ended_at
+                record = decision.record
+                if out.answered is not None and record.answered_by and record.answered_stage in ("group", "escalation"):
+                    out.answered(record.answered_by, record.ended_at or record.started_at)
 
 
 async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -424,6 +441,8 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
             reconciler.rebuild(linkedid)
         await check_dialplan_key(client, settings, security)
         await read_trunk(client, trunk)
+        if phones is not None:
+            await phones.read(client)
 
     metrics = Metrics()
     alerter = Alerter(settings.alerts.webhook_url, metrics, timeout=settings.alerts.webhook_timeout_seconds,
@@ -448,10 +467,20 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     )
     clock = Clock.from_environment()
     publisher = RoutingPublisher(ami, settings.hours.schedule(settings.zone), settings.duty, clock, connect,
-                                 settings.hotline.state_refresh_seconds, metrics, settings.presence.agents)
+                                 settings.hotline.state_refresh_seconds, metrics, settings.presence.agents,
+                                 fair=settings.ring.strategy == "fair")
     desk = PresenceDesk(ami, connect, settings.presence.agents,
                         is_open=lambda: publisher.current is None or publisher.current.open,
-                        republish=publisher.publish, alert=alerter.submit) if settings.presence.agents else None
+                        republish=publisher.publish, alert=alerter.submit, zone=settings.zone,
+                        break_minutes=settings.presence.break_minutes_per_day, lunch=settings.presence.lunch_windows,
+                        on_break_over=lambda _: metrics.violations.labels("break_over_limit").inc(),
+                        ) if settings.presence.agents else None
+    phones = PhoneWatch(
+        settings.presence.agents, unreachable_after=timedelta(minutes=settings.presence.phone_unreachable_minutes),
+        off_hook_after=timedelta(minutes=settings.presence.off_hook_minutes),
+        is_open=lambda: publisher.current is None or publisher.current.open,
+        signed_in=lambda agent: publisher.current is None or agent in publisher.current.signed_in,
+        alert=alerter.submit, metrics=metrics) if settings.presence.agents else None
     live = LiveState()
     metrics.watch(reconnects=lambda: ami.reconnects, pending=lambda: writer.pending,
                   lag=lambda: 0.0 if writer.oldest_pending_since is None
@@ -472,12 +501,13 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
                             settle=timedelta(seconds=settings.reconcile.settle_seconds),
                             on_violation=lambda violation: reconciled_violation(violation, metrics, alerter),
                             metrics=metrics)
-    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security, reconciler.rebuild, desk)
+    outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security, reconciler.rebuild, desk,
+                      publisher.note_answered, phones)
     api_database = ApiDatabase(dsn)  # the API's own small pool: requests never starve the writer
     api = create_app(ApiContext(
         metrics=metrics, live=live, database=api_database,
         health=health_checks(settings, ami, writer, publisher, api_database, trunk, reports, security,
-                              reconciler),
+                              reconciler, phones),
         critical=frozenset({"ami", "database"}),
         tokens=settings.api.resolved_tokens(),
         mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes,
@@ -495,7 +525,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
 
     reconciling: list[Service] = [reconciler] if settings.reconcile.enabled else []
     probing: list[Service] = [probes, scheduler] if probes is not None and scheduler is not None else []
-    presence: list[Service] = [desk] if desk is not None else []
+    presence: list[Service] = [desk, phones] if desk is not None and phones is not None else []
     services: list[Service] = [  # in stop order: producers first, the writer last
         publisher,
         Task("pbx-lock", lambda: pbx_lock.keep(shutting_down, alerter.submit), shutting_down.set),

@@ -68,6 +68,7 @@ def render(settings: Settings, source: str = "") -> str:
         "; regenerate after changing the configuration, then `dialplan reload`.",
         "[globals](+)",
         f"HOTLINE_RING_SECONDS = {math.ceil(settings.ring.limit_seconds)}",
+        f"HOTLINE_RING_PERIOD = {math.ceil(settings.ring.period_seconds)}",
         f"HOTLINE_ESCALATION_SECONDS = {math.ceil(settings.ring.escalation_seconds)}",
         f"HOTLINE_ESCALATE_TO_MOBILE = {int(settings.ring.escalate_to_mobile)}",
         f"HOTLINE_TRUNK = {settings.hotline.trunk}",

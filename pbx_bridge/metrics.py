@@ -60,6 +60,9 @@ class Metrics:
         self.records_rejected = Counter("pbx_bridge_records_rejected",
                                         "Records PostgreSQL refused as bad data (kept in the rejected file)",
                                         registry=self.registry)
+        self.phone_reachable = Gauge("pbx_bridge_phone_reachable",
+                                     "1 if an agent's phone has a registered contact, 0 if not, -1 unknown",
+                                     ["phone"], registry=self.registry)
         # The reconcile from CEL (cel/reconcile.py).
         self.reconciled = Counter("pbx_bridge_reconciled_calls",
                                   "Call records created or completed from CEL, by action", ["action"],

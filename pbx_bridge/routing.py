@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 
 import asyncpg
 import structlog
@@ -33,7 +33,7 @@ log = structlog.get_logger("pbx_bridge.routing")
 
 STATE_GLOBALS = {"open": "HOTLINE_STATE_OPEN", "mobile": "HOTLINE_STATE_MOBILE",
                  "holder_b64": "HOTLINE_STATE_HOLDER_B64", "phones": "HOTLINE_STATE_PHONES",
-                 "updated": "HOTLINE_STATE_UPDATED"}
+                 "first": "HOTLINE_STATE_FIRST", "updated": "HOTLINE_STATE_UPDATED"}
 FAKE_NOW_ENV = "PBX_BRIDGE_FAKE_NOW"
 
 
@@ -74,6 +74,7 @@ class RoutingState:
     holder: str
     reason: str
     signed_in: tuple[str, ...] = ()  # [presence] agents signed in, in ring order (none: presence off)
+    first: str | None = None  # [ring] strategy fair: the agent who rings alone for the first ring period
 
 
 def routing_state(schedule: Schedule, now: datetime, duty: DutySettings,
@@ -111,6 +112,25 @@ async def database_overrides(conn: asyncpg.Connection, around: date) -> list[Ove
     return overrides
 
 
+def fairest(available: Sequence[str], answered: dict[str, tuple[int, datetime]]) -> str:
+    """The available agent who answered the fewest calls today; ties: the one idle longest (whose
+    last answered call ended first; never answered: first of all), then the configured order. Pure."""
+    never = datetime.min.replace(tzinfo=UTC)
+    return min(available, key=lambda agent: (answered.get(agent, (0, never))[0],
+                                             answered.get(agent, (0, never))[1], available.index(agent)))
+
+
+async def answered_today(conn: asyncpg.Connection, agents: Sequence[str], day: date,
+                         zone: tzinfo) -> dict[str, tuple[int, datetime]]:
+    """Calls each agent answered on local `day` (customer calls), and when the last one ended."""
+    start = datetime.combine(day, datetime.min.time(), zone).astimezone(UTC)
+    rows = await conn.fetch(
+        "SELECT answered_by, count(*) AS calls, max(ended_at) AS last FROM calls WHERE answered_by = ANY($1::text[]) "
+        "AND started_at >= $2 AND started_at < $3 AND NOT is_probe AND ended_at IS NOT NULL GROUP BY answered_by",
+        list(agents), start, start + timedelta(days=1))
+    return {row["answered_by"]: (int(row["calls"]), row["last"]) for row in rows}
+
+
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
@@ -120,8 +140,13 @@ class RoutingPublisher:
     name = "routing"  # its task's name (lifecycle.Service)
 
     def __init__(self, ami: AmiClient, schedule: Schedule, duty: DutySettings, clock: Clock, connect: Connect,
-                 refresh_seconds: float, metrics: Metrics, presence_agents: Sequence[str] = ()) -> None:
+                 refresh_seconds: float, metrics: Metrics, presence_agents: Sequence[str] = (),
+                 fair: bool = False) -> None:
         self._ami = ami
+        self._fair = fair and len(presence_agents) > 1
+        self._answered: dict[str, tuple[int, datetime]] = {}  # agent: (calls answered today, last answer's end)
+        self._answered_day: date | None = None
+        self._nudge = asyncio.Event()
         self._agents = tuple(presence_agents)
         self._signed_out: frozenset[str] = frozenset()  # last known (the database may be down)
         self._schedule = schedule
@@ -145,6 +170,17 @@ class RoutingPublisher:
     def stop(self) -> None:
         """Make `run` return."""
         self._stopping.set()
+        self._nudge.set()
+
+    def note_answered(self, agent: str, ended_at: datetime) -> None:
+        """A call `agent` answered has ended ([ring] strategy fair): count it and publish soon, so
+        the next call rings the fairest agent first."""
+        if not self._fair or agent not in self._agents:
+            return
+        count, _ = self._answered.get(agent, (0, ended_at))
+        self._answered[agent] = (count + 1, ended_at)
+        log.info("answer_counted", agent=agent, answered_today=count + 1)
+        self._nudge.set()
 
     async def run(self) -> None:
         """Publish whenever connected: at each boundary and every refresh interval."""
@@ -173,17 +209,20 @@ class RoutingPublisher:
         self._effective = self._schedule.with_overrides(overrides)
         state = routing_state(self._effective, now, self._duty, rostered)
         state = replace(state, signed_in=tuple(a for a in self._agents if a not in self._signed_out))
+        if self._fair and len(state.signed_in) > 1:
+            state = replace(state, first=fairest(state.signed_in, self._answered))
         self._warn_if_calendar_missing(now)
         # The heartbeat last: the dialplan trusts the other values only once it is fresh.
         # Nobody signed in (presence off, or all out while closed): "" makes the dialplan ring the
         # site's whole group, so the line is never left uncovered.
         phones = "&".join(f"PJSIP/{agent}" for agent in state.signed_in)
         for key, value in (("open", "1" if state.open else "0"), ("mobile", state.mobile or ""),
-                           ("holder_b64", b64(state.holder)), ("phones", phones), ("updated", str(int(time.time())))):
+                           ("holder_b64", b64(state.holder)), ("phones", phones), ("first", state.first or ""),
+                           ("updated", str(int(time.time())))):
             await set_global(self._ami, STATE_GLOBALS[key], value)
         if announce or state != self.current:
             log.info("routing_state_published", after_login=announce, open=state.open, mobile=state.mobile,
-                     signed_in=list(state.signed_in) if self._agents else None,
+                     signed_in=list(state.signed_in) if self._agents else None, first=state.first,
                      holder=state.holder, reason=state.reason,
                      business_time=now.astimezone(self._schedule.zone).isoformat())
         self.current = state
@@ -201,6 +240,10 @@ class RoutingPublisher:
                 if self._agents:
                     self._signed_out = frozenset(
                         p.agent for p in await current_presence(conn, self._agents) if p.signed_out_at is not None)
+                today = now.astimezone(self._schedule.zone).date()
+                if self._fair and self._answered_day != today:  # at start and each new day; then counted live
+                    self._answered = await answered_today(conn, self._agents, today, self._schedule.zone)
+                    self._answered_day = today
             finally:
                 await conn.close()
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
@@ -219,4 +262,5 @@ class RoutingPublisher:
                       fix="upgrade the chinesecalendar package")
 
     async def _wait(self, seconds: float) -> None:
-        await wait_set(self._stopping, seconds)
+        await wait_set(self._nudge, seconds)
+        self._nudge.clear()

@@ -309,7 +309,24 @@ def start(state: Path, pg: dict[str, str], extra: Path | None = None) -> None:
             if time.monotonic() > deadline:
                 fail(f"{name} did not finish booting within 60 s; see {state}/{name}.console.log")
             time.sleep(0.2)
+    wait_for_phones(root, state)
     say(f"pbx AMI 127.0.0.1:{settings['pbx_ami_port']}, world AMI 127.0.0.1:{settings['world_ami_port']}; ready")
+
+
+REGISTERED_PHONES = ("agent101", "agent102", "agent103")  # world's reg-agent10x
+
+
+def wait_for_phones(root: Path, state: Path) -> None:
+    """The agents' phones register at the pbx just after boot: wait until every one has a contact."""
+    deadline = time.monotonic() + 30
+    while True:
+        listing = cli(root, state, "pbx", "pjsip show contacts", timeout=10).stdout
+        missing = [p for p in REGISTERED_PHONES if f" {p}/sip:{p}@" not in listing]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            fail(f"phones {missing} did not register within 30 s; see {state}/world.console.log")
+        time.sleep(0.3)
 
 
 def main() -> None:

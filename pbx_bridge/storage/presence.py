@@ -163,3 +163,25 @@ async def sign_in(conn: asyncpg.Connection, agent: str, at: datetime, *, agents:
             "UPDATE agent_presence SET signed_in_at = $2, signed_in_set_by = $3, signed_in_by = $4 "
             "WHERE agent = $1 AND signed_in_at IS NULL", agent, at, set_by, actor)
     return Presence(agent, None, "", set_by)
+
+
+async def periods_since(conn: asyncpg.Connection, agents: Sequence[str],
+                        since: datetime) -> dict[str, list[tuple[datetime, datetime | None]]]:
+    """Each agent's sign-out periods that were open at or after `since`: (out, back in or None)."""
+    rows = await conn.fetch(
+        "SELECT agent, signed_out_at, signed_in_at FROM agent_presence WHERE agent = ANY($1::text[]) "
+        "AND (signed_in_at IS NULL OR signed_in_at > $2) ORDER BY agent, signed_out_at", list(agents), since)
+    periods: dict[str, list[tuple[datetime, datetime | None]]] = {agent: [] for agent in agents}
+    for row in rows:
+        periods[row["agent"]].append((row["signed_out_at"], row["signed_in_at"]))
+    return periods
+
+
+async def record_break_over_limit(conn: asyncpg.Connection, agent: str, day: str, at: datetime,
+                                  limit_minutes: float) -> bool:
+    """Record the breach once per agent and day; False if it was already recorded."""
+    inserted = await conn.fetchval(
+        "INSERT INTO policy_violations (kind, linkedid, occurred_at, details) VALUES ('break_over_limit', NULL, $1, "
+        "jsonb_build_object('agent', $2::text, 'day', $3::text, 'limit_minutes', $4::float8)) "
+        "ON CONFLICT DO NOTHING RETURNING id", at, agent, day, limit_minutes)
+    return inserted is not None

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, ClientTimeout, web
 
 from tests.e2e.conftest import OPEN_HOURS
 from tests.e2e.test_routing import legs_of
 from tests.support.calls import fetch, one_call
 from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.env import DevEnv
-from tests.support.world import IGNORE, answer, connect_pbx_admin, connect_world, new_caller_number
+from tests.support.world import BUSY, IGNORE, answer, connect_pbx_admin, connect_world, new_caller_number
 
 pytestmark = pytest.mark.e2e
 
@@ -26,9 +26,9 @@ API_PORT = 18433
 
 
 async def everyone_signed_in(devenv: DevEnv) -> None:
-    await fetch(devenv.dsn, "UPDATE agent_presence SET signed_in_at = greatest(now(), signed_out_at), "
-                            "signed_in_by = 'test', signed_in_set_by = 'auto' WHERE signed_in_at IS NULL "
-                            "RETURNING agent")
+    """No presence history and no break breach today (the tests own these rows)."""
+    await fetch(devenv.dsn, "DELETE FROM agent_presence RETURNING agent")
+    await fetch(devenv.dsn, "DELETE FROM policy_violations WHERE kind = 'break_over_limit' RETURNING id")
 
 
 @pytest.fixture(autouse=True)
@@ -56,11 +56,17 @@ async def alerts() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     await runner.cleanup()
 
 
+BREAK_MINUTES = 0.1  # 6 s: a real break from the phone, on a short limit
+
+
 @pytest.fixture
 async def bridge(devenv: DevEnv, tmp_path: Path,
                  alerts: tuple[str, list[dict[str, Any]]]) -> AsyncIterator[BridgeProcess]:
     config = derived_config(devenv.config_path, tmp_path / "pbx-bridge.toml", API_PORT,
                             f'[alerts]\nwebhook_url = "{alerts[0]}"\n')
+    short_times = (f"[presence]\nbreak_minutes_per_day = {BREAK_MINUTES}\nphone_unreachable_minutes = 0.05\n"
+                   "off_hook_minutes = 0.1\n")  # 6 s, 3 s, 6 s
+    config.write_text(config.read_text().replace("[presence]\n", short_times))
     process = BridgeProcess(config, business_time=OPEN_HOURS)
     await asyncio.to_thread(process.start)
     yield process
@@ -151,3 +157,95 @@ async def test_an_unknown_feature_code_is_refused_without_a_dial_out(bridge: Bri
     attempts = await fetch(devenv.dsn, "SELECT details FROM policy_violations WHERE kind = 'outbound_attempt' "
                                        "AND details ->> 'digits' = '*29'")
     assert attempts == []  # a wrong code is not a dial-out
+
+
+async def test_a_break_over_the_daily_limit_is_a_breach_once_the_moment_it_passes(
+        bridge: BridgeProcess, devenv: DevEnv, alerts: tuple[str, list[dict[str, Any]]]) -> None:
+    await dial_code(devenv, bridge, "agent102", "*21", "agent_signed_out")
+    [breach] = await asyncio.to_thread(bridge.wait_for, "policy_violation", 20, kind="break_over_limit")
+    assert breach["agent"] == "agent102"
+    await asyncio.sleep(3)  # still out: no second breach
+    await dial_code(devenv, bridge, "agent102", "*22", "agent_signed_in")
+    rows = await fetch(devenv.dsn, "SELECT occurred_at, details FROM policy_violations WHERE kind = 'break_over_limit'")
+    [period] = await fetch(devenv.dsn, "SELECT signed_out_at FROM agent_presence WHERE agent = 'agent102'")
+    assert len(rows) == 1 and rows[0]["details"]["agent"] == "agent102"
+    late = (rows[0]["occurred_at"] - period["signed_out_at"]).total_seconds()
+    assert abs(late - BREAK_MINUTES * 60) < 0.01  # at the moment the limit passed
+    assert [a["agent"] for a in alerts[1] if a.get("kind") == "break_over_limit"] == ["agent102"]
+
+
+async def test_fair_strategy_shares_twelve_calls_between_three_agents(devenv: DevEnv, tmp_path: Path) -> None:
+    """[ring] strategy fair with three agents who always answer at once: 4, 4 and 4 (within one)."""
+    config = derived_config(devenv.config_path, tmp_path / "pbx-bridge.toml", API_PORT)
+    text = config.read_text()
+    assert 'agents = ["agent101", "agent102"]' in text and "[ring]\n" in text
+    text = text.replace('agents = ["agent101", "agent102"]', 'agents = ["agent101", "agent102", "agent103"]')
+    config.write_text(text.replace("[ring]\n", '[ring]\nstrategy = "fair"\n'))
+    # A business day on which the database holds no answered call (today's, from the other tests, would
+    # count): the three start even.
+    process = BridgeProcess(config, business_time="2026-12-01T10:00:00+08:00")
+    await asyncio.to_thread(process.start)
+    try:
+        answered: list[str] = []
+        for n in range(12):
+            row, _ = await hotline_call(devenv, {agent: answer(1, 1) for agent in ("agent101", "agent102",
+                                                                                   "agent103")})
+            answered.append(row["answered_by"])
+            # the call's end is counted and the next first agent published before the next call
+            await asyncio.to_thread(process.wait_for, "answer_counted", 10, n + 1)
+            await asyncio.sleep(0.3)
+    finally:
+        assert await asyncio.to_thread(process.stop) == 0
+    counts = {agent: answered.count(agent) for agent in ("agent101", "agent102", "agent103")}
+    assert max(counts.values()) - min(counts.values()) <= 1, (counts, answered)
+
+
+async def health(path: str = "/healthz") -> Any:
+    async with ClientSession(timeout=ClientTimeout(total=10)) as session, session.get(
+            f"http://127.0.0.1:{API_PORT}{path}") as response:
+        return await response.json()
+
+
+async def alert_of(alerts: list[dict[str, Any]], kind: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not (found := [a for a in alerts if a.get("kind") == kind]):
+        assert time.monotonic() < deadline, (kind, alerts)
+        await asyncio.sleep(0.2)
+    return found[-1]
+
+
+async def test_a_phone_off_the_network_during_open_hours_is_alerted_and_cleared(
+        bridge: BridgeProcess, devenv: DevEnv, alerts: tuple[str, list[dict[str, Any]]]) -> None:
+    async with connect_world(devenv) as world:
+        await world.action({"Action": "PJSIPUnregister", "Registration": "reg-agent102"})
+        try:
+            alert = await alert_of(alerts[1], "phone_unreachable", 15)
+            assert alert["phone"] == "agent102"
+            body = await health()
+            assert body["components"]["phones"]["ok"] is False
+            assert body["components"]["phones"]["phones"]["agent102"]["reachable"] is False
+            assert "pbx_bridge_phone_reachable{phone=\"agent102\"} 0.0" in await metrics_text()
+        finally:
+            await world.action({"Action": "PJSIPRegister", "Registration": "reg-agent102"})
+        assert (await alert_of(alerts[1], "phone_reachable_again", 15))["phone"] == "agent102"
+    assert (await health())["components"]["phones"]["ok"] is True
+
+
+async def metrics_text() -> str:
+    async with ClientSession(timeout=ClientTimeout(total=10)) as session, session.get(
+            f"http://127.0.0.1:{API_PORT}/metrics") as response:
+        return await response.text()
+
+
+async def test_a_phone_left_off_the_hook_is_alerted(bridge: BridgeProcess, devenv: DevEnv,
+                                                    alerts: tuple[str, list[dict[str, Any]]]) -> None:
+    """agent102 answers BUSY to every call for 6 s (two calls) while signed in: off the hook."""
+    for _ in range(2):
+        row, _ = await hotline_call(devenv, {"agent101": answer(1, 1), "agent102": BUSY})
+        assert row["answered_by"] == "agent101"
+        await asyncio.sleep(4)
+    alert = await alert_of(alerts[1], "phone_off_hook", 10)
+    assert alert["phone"] == "agent102" and alert["busy_calls"] >= 2
+    row, _ = await hotline_call(devenv, {"agent101": IGNORE, "agent102": answer(1, 1)})  # back on the hook
+    assert row["answered_by"] == "agent102"
+    await alert_of(alerts[1], "phone_answering_again", 10)

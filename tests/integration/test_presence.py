@@ -6,11 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
 
+from pbx_bridge.ami.client import AmiClient
+from pbx_bridge.presence import PresenceDesk
 from pbx_bridge.storage.presence import (
     PRESENCE_LOCK,
     AlreadyInStateError,
@@ -369,3 +372,40 @@ async def test_a_failed_republish_keeps_the_change_and_says_so(api: tuple[Api, P
     status, body = await client.call("PUT", "/agents/agent101/presence", {"state": "out"})
     assert status == 200 and body["published"] is False and body["state"] == "out"
     assert len(await stored(db)) == 1
+
+
+async def test_the_desk_records_a_break_over_the_limit_once_at_the_moment_it_passed(presence_dsn: str,
+                                                                                   db: asyncpg.Connection) -> None:
+    """A 31-minute break, the limit 30 minutes: one break_over_limit at its 30th minute, however
+    often the limits are checked; v_violations names the agent."""
+    await db.execute("DELETE FROM policy_violations WHERE kind = 'break_over_limit'")
+    await sign_out(db, "agent102", T0, agents=AGENTS, open_now=True, set_by="phone", actor="agent102")
+    await sign_in(db, "agent102", T0 + timedelta(minutes=31), agents=AGENTS, set_by="phone", actor="agent102")
+    alerts: list[dict[str, Any]] = []
+    now = [T0 + timedelta(minutes=20)]
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(presence_dsn)
+
+    async def nothing() -> None:
+        return None
+
+    desk = PresenceDesk(cast(AmiClient, None), connect, AGENTS, lambda: True, nothing, alerts.append,
+                        zone=ZoneInfo("Asia/Shanghai"), break_minutes=30, clock=lambda: now[0])
+    assert await desk.check_breaks() == 60.0 and alerts == []  # 10 minutes to go: look again within a minute
+    now[0] = T0 + timedelta(minutes=29, seconds=30)
+    assert 30.0 < await desk.check_breaks() < 30.1  # wakes at the crossing itself
+    for minutes in (30.5, 45, 60):
+        now[0] = T0 + timedelta(minutes=minutes)
+        await desk.check_breaks()
+    rows = await db.fetch("SELECT occurred_at, details ->> 'agent' AS agent, details ->> 'day' AS day "
+                          "FROM policy_violations WHERE kind = 'break_over_limit'")
+    assert [tuple(r.values()) for r in rows] == [(T0 + timedelta(minutes=30), "agent102", "2030-06-10")]
+    assert [(a["kind"], a["agent"]) for a in alerts] == [("break_over_limit", "agent102")]
+    subject = await db.fetchval("SELECT subject FROM v_violations WHERE kind = 'break_over_limit'")
+    assert subject == "agent102"
+    fresh = PresenceDesk(cast(AmiClient, None), connect, AGENTS, lambda: True, nothing, alerts.append,
+                         zone=ZoneInfo("Asia/Shanghai"), break_minutes=30, clock=lambda: now[0])
+    await fresh.check_breaks()  # a restarted daemon: the database keeps it once
+    assert len(alerts) == 1 and await db.fetchval(
+        "SELECT count(*) FROM policy_violations WHERE kind = 'break_over_limit'") == 1

@@ -211,11 +211,18 @@ async def test_a_transferred_call_in_the_call_log_and_per_person(views_dsn: str)
             "agent101", "agent103", "agent101 → agent103")
         assert (log["U"]["transferred_to"], log["U"]["transfers"]) == (
             None, "agent101 → agent102 (未接), agent102 → agent101")
-        rows = await conn.fetch("SELECT agent, answered, talk_seconds, transfers_made, transfers_received "
+        await conn.execute("INSERT INTO agent_presence (agent, signed_out_at, signed_in_at, set_by, signed_out_by, "
+                           "signed_in_by, signed_in_set_by) VALUES ('agent102', $1, $2, 'phone', 'agent102', "
+                           "'agent102', 'phone')", local("2030-06-13 10:30:00"), local("2030-06-13 10:45:30"))
+        rows = await conn.fetch("SELECT agent, answered, talk_seconds, transfers_made, transfers_received, "
+                                "calls_offered, answer_share_pct, break_minutes "
                                 "FROM v_agent_daily WHERE day = '2030-06-13' ORDER BY agent")
         assert [tuple(r.values()) for r in rows] == [
-            ("agent101", 2, Decimal("9.0"), 2, 0),  # answered T and U first; talked 3 + 2 + 4 (back on U)
-            ("agent103", 0, Decimal("5.0"), 0, 1),  # T's 5 s after the transfer
+            # answered T and U first; talked 3 + 2 + 4 (back on U); rang for both, took both
+            ("agent101", 2, Decimal("9.0"), 2, 0, 2, Decimal("100.0"), Decimal("0.0")),
+            # rang for U's transfer, did not answer; on a 15.5-minute break
+            ("agent102", 0, Decimal("0.0"), 0, 0, 1, Decimal("0.0"), Decimal("15.5")),
+            ("agent103", 0, Decimal("5.0"), 0, 1, 1, Decimal("100.0"), Decimal("0.0")),  # T after the transfer
         ]
 
 

@@ -237,6 +237,22 @@ async def presence_codes(world: World, env: DevEnv) -> None:
         await asyncio.sleep(4.5)
 
 
+async def phone_unregistered(world: World, env: DevEnv) -> None:
+    """agent103's phone leaves the network (unregisters) and comes back (world re-registers ~5 s later)."""
+    await world.action({"Action": "PJSIPUnregister", "Registration": "reg-agent103"})
+    await asyncio.sleep(2)
+    await world.action({"Action": "PJSIPRegister", "Registration": "reg-agent103"})
+
+
+async def off_hook_busy(world: World, env: DevEnv) -> None:
+    """agent102 answers two calls BUSY (a handset left off the hook); agent101 takes them."""
+    for number in ("13800000061", "13800000062"):
+        await world.set_phone(number, "agent101", answer(1, 1))
+        await world.set_phone(number, "agent102", BUSY)
+        await world.call(HOTLINE, number, "占线")
+        await asyncio.sleep(3)
+
+
 async def mobile_progress_only(world: World, env: DevEnv) -> None:
     """After hours; the carrier sends 183 (early media, no 180); the mobile answers after 3 s."""
     await world.set_phone("13800000051", env.duty_mobile, answer_after_progress(3, 2))
@@ -261,6 +277,8 @@ SCENARIOS: dict[str, tuple[Scenario, float]] = {
     "transfer_outside": (transfer_outside, 6),
     "transfer_attended": (transfer_attended, 3),
     "presence_codes": (presence_codes, 1),
+    "phone_unregistered": (phone_unregistered, 12),
+    "off_hook_busy": (off_hook_busy, 1),
     "mobile_progress_only": (mobile_progress_only, 8),
     "mobile_late_ringing": (mobile_late_ringing, 10),
     "mobile_17s": (mobile_17s, 21),

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from pbx_bridge.tracker import CallEnded, PresenceRequest, SecurityAlert, Violation, ViolationKind
-from pbx_bridge.tracker.model import CallLeg
+from pbx_bridge.tracker.model import CallLeg, CallRecord
 from tests.support.fixtures import fixture_messages
 from tests.unit.test_cel_builder import only
 from tests.unit.test_tracker import run
@@ -20,6 +20,15 @@ def ended_call(name: str) -> tuple[CallEnded, list[Violation]]:
     assert state.calls == {}, "every call in a finished capture must be closed"
     [call] = [d for d in decisions if isinstance(d, CallEnded)]
     return call, [d for d in decisions if isinstance(d, Violation)]
+
+
+def flow(name: str, source: str) -> tuple[CallRecord, tuple[CallLeg, ...], list[Violation]]:
+    """The record, legs and violations of the one call of capture `name`, from AMI or from CEL."""
+    if source == "ami":
+        ended, violations = ended_call(name)
+        return ended.record, ended.legs, violations
+    cel = only(name)
+    return cel.record, cel.legs, list(cel.violations)
 
 
 def leg_of(legs: tuple[CallLeg, ...], endpoint: str, stage: str) -> CallLeg:
@@ -35,12 +44,7 @@ def seconds(leg: CallLeg) -> float:
 @pytest.mark.parametrize("source", ["ami", "cel"])
 def test_blind_transfer(source: str) -> None:
     """agent101 answers after 4 s, talks 3 s, blind-transfers to 103; agent103 answers after 6 s, talks 5 s."""
-    if source == "ami":
-        ended, violations = ended_call("transfer_blind")
-        record, legs = ended.record, ended.legs
-    else:
-        cel = only("transfer_blind")
-        record, legs, violations = cel.record, cel.legs, list(cel.violations)
+    record, legs, violations = flow("transfer_blind", source)
     assert (record.answered_by, record.transferred_to, record.rings) == ("agent101", "agent103", 1)
     assert record.ring_seconds == pytest.approx(4, abs=0.5)
     assert record.talk_seconds == pytest.approx(8, abs=1.0)
@@ -53,12 +57,7 @@ def test_blind_transfer(source: str) -> None:
 
 @pytest.mark.parametrize("source", ["ami", "cel"])
 def test_an_unanswered_transfer_comes_back(source: str) -> None:
-    if source == "ami":
-        ended, violations = ended_call("transfer_unanswered")
-        record, legs = ended.record, ended.legs
-    else:
-        cel = only("transfer_unanswered")
-        record, legs, violations = cel.record, cel.legs, list(cel.violations)
+    record, legs, violations = flow("transfer_unanswered", source)
     assert (record.answered_by, record.transferred_to) == ("agent101", None)
     tried = leg_of(legs, "agent102", "transfer")
     back = leg_of(legs, "agent101", "transfer_return")
@@ -81,12 +80,7 @@ def test_a_transfer_to_an_outside_number_is_an_outbound_attempt() -> None:
 @pytest.mark.parametrize("source", ["ami", "cel"])
 def test_attended_transfer(source: str) -> None:
     """agent101 answers after 3 s, consults 102 (answers after 2 s), hands over; 3 s more with agent102."""
-    if source == "ami":
-        ended, violations = ended_call("transfer_attended")
-        record, legs = ended.record, ended.legs
-    else:
-        cel = only("transfer_attended")
-        record, legs, violations = cel.record, cel.legs, list(cel.violations)
+    record, legs, violations = flow("transfer_attended", source)
     assert (record.answered_by, record.transferred_to) == ("agent101", "agent102")
     assert record.ring_seconds == pytest.approx(3, abs=0.5)
     consulted = leg_of(legs, "agent102", "transfer")
