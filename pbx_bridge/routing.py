@@ -26,8 +26,9 @@ from pbx_bridge.ami.client import AmiClient, AmiError, set_global
 from pbx_bridge.config import DutySettings
 from pbx_bridge.dialplan import b64
 from pbx_bridge.metrics import Metrics
-from pbx_bridge.schedule import Override, Schedule, parse_hours
+from pbx_bridge.schedule import DaySchedule, Override, Schedule, parse_hours
 from pbx_bridge.storage.presence import current_presence
+from pbx_bridge.storage.settings import publish_open_hours
 
 log = structlog.get_logger("pbx_bridge.routing")
 
@@ -158,6 +159,7 @@ class RoutingPublisher:
         self._stopping = asyncio.Event()
         self._warned_calendar_on: str | None = None
         self._db_overrides: list[Override] = []
+        self._open_hours_published: tuple[date, tuple[DaySchedule, ...]] | None = None
         self._effective = schedule
         self.current: RoutingState | None = None
         self.published_at: float | None = None
@@ -241,6 +243,7 @@ class RoutingPublisher:
                     self._signed_out = frozenset(
                         p.agent for p in await current_presence(conn, self._agents) if p.signed_out_at is not None)
                 today = now.astimezone(self._schedule.zone).date()
+                await self._publish_open_hours(conn, today)
                 if self._fair and self._answered_day != today:  # at start and each new day; then counted live
                     self._answered = await answered_today(conn, self._agents, today, self._schedule.zone)
                     self._answered_day = today
@@ -251,6 +254,14 @@ class RoutingPublisher:
                         fallback_mobile=self._duty.mobile, overrides="last known")
             return None, self._db_overrides
         return rostered, self._db_overrides
+
+    async def _publish_open_hours(self, conn: asyncpg.Connection, today: date) -> None:
+        """Record the days' effective hours for the views (signed-in time) when they may have changed."""
+        schedule = self._schedule.with_overrides(self._db_overrides)
+        seen = (today, tuple(schedule.day(today + timedelta(days=n)) for n in range(-7, 2)))
+        if seen != self._open_hours_published:
+            await publish_open_hours(conn, schedule, today)
+            self._open_hours_published = seen
 
     def _warn_if_calendar_missing(self, now: datetime) -> None:
         today = now.astimezone(self._schedule.zone).date()

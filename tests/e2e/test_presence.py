@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, ClientTimeout, web
 
+from pbx_bridge.config import load_settings
+from pbx_bridge.storage.settings import open_periods
 from tests.e2e.conftest import OPEN_HOURS
 from tests.e2e.test_routing import legs_of
 from tests.support.calls import fetch, one_call
@@ -106,6 +109,20 @@ async def test_a_signed_out_agent_is_not_rung_until_it_signs_back_in(bridge: Bri
         await dial_code(devenv, bridge, "agent102", "*22", "agent_signed_in")
     row, number = await hotline_call(devenv, {"agent101": answer(2, 1), "agent102": answer(1, 1)})
     assert row["answered_by"] == "agent102"
+
+
+async def test_the_days_opening_hours_are_recorded_for_signed_in_time(bridge: BridgeProcess,
+                                                                      devenv: DevEnv) -> None:
+    """v_agent_daily's signed-in time needs each day's effective hours: the running daemon records
+    its business day's hours as it applies them (the view's arithmetic: tests/integration)."""
+    settings = load_settings(devenv.config_path)
+    day = datetime.fromisoformat(OPEN_HOURS).date()
+    expected = settings.hours.schedule(settings.zone).day(day)
+    await asyncio.to_thread(bridge.wait_for, "routing_state_published", 5)
+    rows = await fetch(devenv.dsn, "SELECT open, reason FROM open_hours WHERE day = $1", day)
+    assert [([(r.lower, r.upper) for r in row["open"]], row["reason"]) for row in rows] == [
+        (open_periods(expected, settings.hours.schedule(settings.zone)), expected.reason)]
+    assert expected.intervals  # a working day in the sandbox's hours
 
 
 async def test_the_last_agent_signed_in_cannot_sign_out_during_open_hours(

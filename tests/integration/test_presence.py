@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 from zoneinfo import ZoneInfo
@@ -14,6 +14,7 @@ import pytest
 
 from pbx_bridge.ami.client import AmiClient
 from pbx_bridge.presence import PresenceDesk
+from pbx_bridge.schedule import NoHolidays, Override, Schedule, parse_hours
 from pbx_bridge.storage.presence import (
     PRESENCE_LOCK,
     AlreadyInStateError,
@@ -25,6 +26,7 @@ from pbx_bridge.storage.presence import (
     sign_in,
     sign_out,
 )
+from pbx_bridge.storage.settings import publish_open_hours
 from tests.conftest import scratch_database
 from tests.integration.test_api import NAMES, Api, api_context, serving
 from tests.support.env import DevEnv
@@ -409,3 +411,64 @@ async def test_the_desk_records_a_break_over_the_limit_once_at_the_moment_it_pas
     await fresh.check_breaks()  # a restarted daemon: the database keeps it once
     assert len(alerts) == 1 and await db.fetchval(
         "SELECT count(*) FROM policy_violations WHERE kind = 'break_over_limit'") == 1
+
+
+# --- signed-in time: the day's open hours minus the time signed out within them ---------------
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def weekday_hours(*overrides: Override) -> Schedule:
+    """Weekdays 09:00-12:00 and 13:30-17:30 (7 h = 420 min), no holiday calendar."""
+    weekly = {day: parse_hours(["09:00-12:00", "13:30-17:30"]) for day in ("mon", "tue", "wed", "thu", "fri")}
+    return Schedule(weekly, (), NoHolidays(), list(overrides), SHANGHAI)
+
+
+def shanghai(day: int, hour: int, minute: int = 0, month: int = 6, year: int = 2025) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=SHANGHAI)
+
+
+async def test_signed_in_minutes_are_the_open_hours_minus_the_breaks_inside_them(db: asyncpg.Connection) -> None:
+    """Monday 2025-06-09 (a past day when published on the 10th): agent101 out 10:00-10:30 and
+    12:10-13:40 (lunch: only 13:30-13:40 is open time), agent102 out from 17:00 to 08:00 the next
+    morning. A day still to come (2030-06-11) has nothing signed in so far."""
+    await db.execute("DELETE FROM open_hours")
+    await publish_open_hours(db, weekday_hours(), date(2025, 6, 10))
+    await publish_open_hours(db, weekday_hours(), date(2030, 6, 11), past_days=())
+    for agent, start, end in (("agent101", shanghai(9, 10), shanghai(9, 10, 30)),
+                              ("agent101", shanghai(9, 12, 10), shanghai(9, 13, 40)),
+                              ("agent102", shanghai(9, 17), shanghai(10, 8)),
+                              ("agent103", shanghai(11, 10, year=2030), shanghai(11, 11, year=2030))):
+        await sign_out(db, agent, start, agents=AGENTS, open_now=False, set_by="phone", actor=agent)
+        await sign_in(db, agent, end, agents=AGENTS, set_by="phone", actor=agent)
+    rows = await db.fetch("SELECT day, agent, break_minutes, signed_in_minutes FROM v_agent_daily "
+                          "WHERE agent LIKE 'agent10_' ORDER BY day, agent")
+    assert [tuple(r.values()) for r in rows] == [
+        (date(2025, 6, 9), "agent101", Decimal("120.0"), Decimal("380.0")),  # 420 - 30 - 10
+        (date(2025, 6, 9), "agent102", Decimal("420.0"), Decimal("390.0")),  # 420 - 30 (17:00-17:30)
+        (date(2025, 6, 10), "agent102", Decimal("480.0"), Decimal("420.0")),  # out before opening only
+        (date(2030, 6, 11), "agent103", Decimal("60.0"), Decimal("0.0")),  # not yet open: nothing so far
+    ]
+    await db.execute("DELETE FROM open_hours WHERE day = '2025-06-09'")
+    assert await db.fetchval("SELECT signed_in_minutes FROM v_agent_daily WHERE day = '2025-06-09' "
+                             "AND agent = 'agent101'") is None  # hours not recorded: unknown, not 0
+
+
+async def test_past_days_hours_are_history_today_and_tomorrow_follow_overrides(db: asyncpg.Connection) -> None:
+    await db.execute("DELETE FROM open_hours")
+    await publish_open_hours(db, weekday_hours(), date(2025, 6, 10))
+    closed = [Override(date(2025, 6, 9), (), "停电 power cut"), Override(date(2025, 6, 10), (), "停电 power cut"),
+              Override(date(2025, 6, 11), parse_hours(["10:00-11:00"]), "half day")]
+    await publish_open_hours(db, weekday_hours(*closed), date(2025, 6, 10))
+    rows = {r["day"]: (multirange(r["open"]), r["reason"]) for r in await db.fetch("SELECT * FROM open_hours")}
+    assert sorted(rows) == [date(2025, 6, n) for n in range(3, 12)]  # 7 past days, today and tomorrow
+    assert rows[date(2025, 6, 9)] == ([(shanghai(9, 9), shanghai(9, 12)), (shanghai(9, 13, 30), shanghai(9, 17, 30))],
+                                      "weekly hours")  # written once, then left
+    assert rows[date(2025, 6, 10)] == ([], "override: 停电 power cut")
+    assert rows[date(2025, 6, 11)] == ([(shanghai(11, 10), shanghai(11, 11))], "override: half day")
+    assert rows[date(2025, 6, 8)] == ([], "weekly hours")  # a Sunday
+
+
+def multirange(value: Any) -> list[tuple[datetime, datetime]]:
+    """asyncpg's multirange (a list of Range) as (start, end) pairs."""
+    return [(r.lower, r.upper) for r in value]
