@@ -86,20 +86,21 @@ class SafeAmiProtocol(AMIProtocol):  # type: ignore[misc]
                 log.exception("ami_handler_failed", ami_event=message.event)
 
     def _route(self, message: AmiMessage) -> None:
-        compat = Message({k: v for k, v in message.headers.items()})
-        action = None
-        if compat.id is not None:
-            action = self.responses.get(compat.id)
-        if action is None and compat.action_id:
-            action = self.responses.get(compat.action_id)
-        if action is not None:
-            if action.add_message(compat):
-                self.responses.pop(action.id, None)
-                if action.action_id:
-                    self.responses.pop(action.action_id, None)
-            return
-        if "actionid" in message:
-            return  # a late reply to an action that gave up waiting: nothing for the tracker
+        if "actionid" in message or "commandid" in message:  # a reply: panoramisk's Message for its Action
+            compat = Message({k: v for k, v in message.headers.items()})
+            action = None
+            if compat.id is not None:
+                action = self.responses.get(compat.id)
+            if action is None and compat.action_id:
+                action = self.responses.get(compat.action_id)
+            if action is not None:
+                if action.add_message(compat):
+                    self.responses.pop(action.id, None)
+                    if action.action_id:
+                        self.responses.pop(action.action_id, None)
+                return
+            if "actionid" in message:
+                return  # a late reply to an action that gave up waiting: nothing for the tracker
         suspicion = self._integrity.check(message)
         if self._integrity.numbered is False and not self._warned_unnumbered:
             self._warned_unnumbered = True

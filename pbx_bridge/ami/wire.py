@@ -52,7 +52,9 @@ class FramingError(Exception):
 
 @dataclass(frozen=True)
 class AmiMessage:
-    """One AMI message: an event, a response, or a list item. Header names are case-insensitive."""
+    """One AMI message: an event, a response, or a list item. Header names are case-insensitive.
+
+    Its timestamp is computed on first use and kept: the clock and the tracker both read it."""
 
     headers: Mapping[str, str]
     decode_errors: bool = False
@@ -62,47 +64,111 @@ class AmiMessage:
 
     def get(self, name: str, default: str = "") -> str:
         """The value of header `name` (any case), or `default`."""
-        return self.headers.get(name.lower(), default)
+        key = _LOWER.get(name)
+        if key is None:
+            key = _lower(name)
+        return self.headers.get(key, default)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self.headers
+        if not isinstance(name, str):
+            return False
+        if name in self.headers:  # already a lookup key (lower case): most callers
+            return True
+        key = _LOWER.get(name)
+        return (key if key is not None else _lower(name)) in self.headers
 
     @property
     def event(self) -> str:
         """The event name, '' when this is not an event."""
-        return self.get("Event")
+        return self.headers.get("event", "")
+
+    @property
+    def longest_value(self) -> int:
+        """The length of its longest header value (0 if it has none)."""
+        return max(map(len, self.headers.values()), default=0)
 
     @property
     def timestamp(self) -> datetime | None:
         """The event's `Timestamp` (manager.conf timestampevents=yes) as an aware UTC datetime."""
-        raw = self.get("Timestamp")
-        if not raw:
-            return None
-        try:
-            return datetime.fromtimestamp(float(raw), tz=UTC)
-        except (ValueError, OverflowError, OSError):  # OSError: e.g. 1e18 (EOVERFLOW from the C library)
-            return None
+        kept: datetime | bool | None = self.__dict__.get("_timestamp", False)
+        if kept is not False:
+            return kept  # type: ignore[return-value]
+        at = _timestamp(self.headers.get("timestamp", ""))
+        self.__dict__["_timestamp"] = at  # a cache, not a field: frozen, compared and copied without it
+        return at
+
+
+def _timestamp(raw: str) -> datetime | None:
+    if not raw:
+        return None
+    try:
+        return datetime.fromtimestamp(float(raw), tz=UTC)
+    except (ValueError, OverflowError, OSError):  # OSError: e.g. 1e18 (EOVERFLOW from the C library)
+        return None
+
+
+# Header names as they arrive -> their lookup key (stripped, lower case). Asterisk uses a few
+# hundred names; the cache is bounded (count and length) so that made-up names cannot grow it.
+# A name with a colon is never cached: `parse_message` relies on that.
+_LOWER: dict[str, str] = {}
+_LOWER_MAX = 4096
+_LOWER_MAX_CHARS = 64
+_NO_DUPLICATES: frozenset[str] = frozenset()
+
+
+def _lower(name: str) -> str:
+    key = name.strip().lower()
+    if len(_LOWER) < _LOWER_MAX and len(name) <= _LOWER_MAX_CHARS and ":" not in name:
+        _LOWER[name] = key
+    return key
+
+
+def _header(line: str) -> tuple[str, str]:
+    """The general rule for one header line: the name is what precedes the first colon
+    (surrounding whitespace stripped, lower-cased), the value follows it (one leading space
+    removed). ('', '') for a line that is no header."""
+    name, sep, value = line.partition(":")
+    if not sep:
+        return "", ""
+    return _lower(name), value.removeprefix(" ")
 
 
 def parse_message(text: str, decode_errors: bool = False) -> AmiMessage:
-    """Parse one decoded AMI message (header lines without the final blank line)."""
+    """Parse one decoded AMI message (header lines without the final blank line).
+
+    The first value of a repeated header is kept (the repeat is listed in `duplicates`).
+    """
+    lines = text.split("\r\n")
     headers: dict[str, str] = {}
-    duplicates: set[str] = set()
-    for line in text.split("\r\n"):
-        name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        value = value.removeprefix(" ")
-        key = name.strip().lower()
-        if not key:
-            continue
-        if key in headers:  # repeated headers: keep the first, remember the repeat
-            duplicates.add(key)
-            continue
-        if key in C_ESCAPED_HEADERS:
-            value = unescape_c(value)
-        headers[key] = value
-    return AmiMessage(headers=headers, decode_errors=decode_errors, duplicates=frozenset(duplicates))
+    keep_first = headers.setdefault
+    known = _LOWER.get
+    skipped = 0
+    for line in lines:
+        # Fast path, exact for every line whose name (text before the first colon) is one seen
+        # before: a cached name holds no colon, so the first ": " ends it.
+        name, sep, value = line.partition(": ")
+        key = known(name) if sep else None
+        if key is None:
+            key, value = _header(line)
+        if key:
+            keep_first(key, value)
+        else:
+            skipped += 1
+    duplicates = _NO_DUPLICATES
+    if len(headers) + skipped != len(lines):  # some name repeated: say which (rare: a forged block)
+        seen: set[str] = set()
+        repeated = set()
+        for line in lines:
+            key = _header(line)[0]
+            if key and key in seen:
+                repeated.add(key)
+            seen.add(key)
+        duplicates = frozenset(repeated)
+    for key in C_ESCAPED_HEADERS:  # four names, most often without a backslash
+        escaped = headers.get(key)
+        if escaped is not None and "\\" in escaped:
+            headers[key] = unescape_c(escaped)
+    return AmiMessage(headers=headers, decode_errors=decode_errors, duplicates=duplicates)
 
 
 class AmiFramer:

@@ -21,7 +21,7 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -187,12 +187,14 @@ def _decision_body(decision: RecordWrite) -> dict[str, Any]:
         return {"kind": "Violation", "violation": {
             "kind": str(decision.kind), "occurred_at": _encode(decision.occurred_at),
             "linkedid": decision.linkedid, "details": [list(pair) for pair in decision.details]}}
+    # Field by field: dataclasses.asdict deep-copies every value (4x the cost, on the hot path).
+    record = decision.record
     body: dict[str, Any] = {
         "kind": type(decision).__name__,
-        "record": {k: _encode(v) for k, v in asdict(decision.record).items()},
+        "record": {f.name: _encode(getattr(record, f.name)) for f in fields(record)},
     }
     if isinstance(decision, CallEnded):
-        body["legs"] = [{k: _encode(v) for k, v in asdict(leg).items()} for leg in decision.legs]
+        body["legs"] = [{f.name: _encode(getattr(leg, f.name)) for f in fields(leg)} for leg in decision.legs]
     return body
 
 

@@ -18,7 +18,7 @@ class Disposition(StrEnum):
     VOICEMAIL = "voicemail"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: the tracker updates legs with `persistent.evolve` (a dict copy)
 class CallLeg:
     """One outbound channel of a call (an agent phone), as stored in `call_legs`."""
 

@@ -33,6 +33,7 @@ from pbx_bridge.tracker.model import (
     Violation,
     ViolationKind,
 )
+from pbx_bridge.tracker.persistent import PMap, evolve
 from pbx_bridge.tracker.rings import rings_heard, within_ring_limit
 
 CHANNEL_STATE_DOWN = "0"  # a channel Asterisk creates to dial out
@@ -82,7 +83,7 @@ class TrackerSettings:
     mobile_ring_limit: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: updated with `evolve` (a copy of its attribute dict), not `replace`
 class CallState:
     """What is known so far about one call in progress."""
 
@@ -113,13 +114,21 @@ class CallState:
     adopted: bool = False  # taken in from a snapshot: its ring start was never seen, CEL settles it
     transfer_from: str | None = None  # the agent of the transfer in progress (UserEvent HotlineTransfer)
     transfer_kind: str | None = None  # blind | attended | return
+    seq: int = 0  # the order in which the tracker took the call in (TrackerState.order)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class TrackerState:
-    """All calls in progress, by Linkedid. Never mutated: `apply` returns a new one."""
+    """All calls in progress, by Linkedid. Never mutated: `apply` returns a new one.
 
-    calls: Mapping[str, CallState] = field(default_factory=dict)
+    The maps of calls are persistent (`PMap`): a new state shares all but O(log n) of the old
+    one, so one event costs the same with 3 or 10,000 calls in progress."""
+
+    calls: PMap[str, CallState] = field(default_factory=PMap)
+    # Linkedids of the calls by `CallState.seq`: the oldest is given up first at `max_calls`.
+    order: PMap[int, str] = field(default_factory=PMap)
+    next_seq: int = 1
+    oldest_seq: int = 1  # no call in progress has a lower seq (advanced as calls end)
     # Linkedids the dialplan announced a forward for (UserEvent HotlineStage, Stage: mobile)
     # though the call itself is not tracked (e.g. it began before pbx-bridge started): the
     # guard lets their trunk legs through. Forgotten after FORWARD_MARK_TTL.
@@ -156,24 +165,27 @@ def apply(
         return _reconcile_with_snapshot(state, event, settings)
     if isinstance(event, Tick):
         return _tick(state, event.now, settings)
-    event = _bounded(event)
-    if event.event == "UserEvent" and event.get("UserEvent") in DIALPLAN_EVENTS and not _keyed(event, settings):
+    if event.longest_value > MAX_VALUE_CHARS:
+        event = _bounded(event)
+    name = event.event
+    user_event = event.get("UserEvent") if name == "UserEvent" else ""
+    if user_event in DIALPLAN_EVENTS and not _keyed(event, settings):
         return state, [_security("forged_user_event", event,
-                                 f"UserEvent {event.get('UserEvent')[:40]} without the dialplan's key")]
+                                 f"UserEvent {user_event[:40]} without the dialplan's key")]
     when = event.timestamp
     linkedid = event.get("Linkedid")
-    if event.event == "AttendedTransfer" and when is not None:  # its channels' Linkedids are prefixed
+    if name == "AttendedTransfer" and when is not None:  # its channels' Linkedids are prefixed
         return _attended_transfer(state, event, when), []
     if when is None or not linkedid:
         return state, []
-    if event.event == "UserEvent" and event.get("UserEvent") == "OutboundAttempt":
+    if user_event == "OutboundAttempt":
         return state, [_outbound_attempt(event, when)]
-    if event.event == "UserEvent" and event.get("UserEvent") == "AgentPresence":
+    if user_event == "AgentPresence":
         action, channel = event.get("Action"), event.get("Channel")
         if action not in PRESENCE_ACTIONS or not channel.startswith("PJSIP/"):
             return state, []
         return state, [PresenceRequest(event.get("Agent")[:64], action, channel[:128], when)]
-    call = state.calls.get(linkedid)
+    call: CallState | None = state.calls.get(linkedid)
     if call is None and (linkedid in state.consults or _is_consult_start(event)):
         return _advance_consult(state, event, when), []
     if call is None:
@@ -198,19 +210,18 @@ def apply(
     updated = _advance(call, event, when)
     if updated is call:
         return state, []
-    if event.event == "DialBegin" and _is_trunk_leg(event, settings) and not _is_announced_forward(updated, event):
-        return replace(state, calls={**state.calls, linkedid: updated}), [_forward_guard(updated, event, when)]
-    if "refused" in updated.stages and "refused" not in call.stages:
-        return replace(state, calls={**state.calls, linkedid: updated}), [_refusal_alert(event)]
+    if name == "DialBegin" and _is_trunk_leg(event, settings) and not _is_announced_forward(updated, event):
+        return _put(state, updated), [_forward_guard(updated, event, when)]
+    if updated.stages is not call.stages and "refused" in updated.stages and "refused" not in call.stages:
+        return _put(state, updated), [_refusal_alert(event)]
     if updated.probe_nonce is not None and call.probe_nonce is None:
-        return (replace(state, calls={**state.calls, linkedid: updated}),
-                [ProbeArrived(updated.probe_nonce, when, linkedid)])
+        return _put(state, updated), [ProbeArrived(updated.probe_nonce, when, linkedid)]
     if updated.inbound_ended_at is not None and not updated.live_channels:
-        calls = {k: v for k, v in state.calls.items() if k != linkedid}
+        ended = _without(state, updated)
         record = _record(updated, settings)
         if updated.adopted or (updated.uncertain and updated.answered_leg is None):
-            return replace(state, calls=calls), [NeedsReconcile(record)]
-        legs = tuple(replace(leg, talk_seconds=leg_talk_seconds(leg, updated.inbound_ended_at))
+            return ended, [NeedsReconcile(record)]
+        legs = tuple(evolve(leg, talk_seconds=leg_talk_seconds(leg, updated.inbound_ended_at))
                      for leg in updated.legs.values())
         decisions: list[Decision] = [CallEnded(record, legs)]
         if record.within_ring_limit is False and not updated.ring_limit_reported:
@@ -223,8 +234,23 @@ def apply(
             decisions.append(Violation(ViolationKind.UNANSWERED, record.ended_at or when, record.linkedid,
                                        (("disposition", str(record.disposition)), ("did", record.did),
                                         ("caller_number", record.caller_number))))
-        return replace(state, calls=calls), decisions
-    return replace(state, calls={**state.calls, linkedid: updated}), []
+        return ended, decisions
+    return _put(state, updated), []
+
+
+def _put(state: TrackerState, call: CallState) -> TrackerState:
+    """`state` with `call` (already in it) updated: O(log32 n), whatever the number of calls."""
+    return evolve(state, calls=state.calls.set(call.linkedid, call))
+
+
+def _without(state: TrackerState, call: CallState) -> TrackerState:
+    """`state` without `call` (it ended or was given up)."""
+    order = state.order.delete(call.seq)
+    oldest = state.oldest_seq
+    if call.seq == oldest:  # amortised O(1): each sequence number is passed once
+        while oldest < state.next_seq and oldest not in order:
+            oldest += 1
+    return evolve(state, calls=state.calls.delete(call.linkedid), order=order, oldest_seq=oldest)
 
 
 def _is_consult_start(event: AmiMessage) -> bool:
@@ -270,18 +296,18 @@ def _attended_transfer(state: TrackerState, event: AmiMessage, when: datetime) -
         leg = CallLeg(linkedid=call.linkedid, uniqueid=target_id, channel=target_channel,
                       endpoint=endpoint_of(target_channel))
     by = endpoint_of(event.get("OrigTransfererChannel")) or (consult.transfer_from if consult else None)
-    moved = replace(leg, linkedid=call.linkedid, stage="transfer", transfer_kind="attended", transferred_by=by,
-                    transferred_at=when)
-    updated = replace(call, legs={**call.legs, target_id: moved}, live_channels=call.live_channels | {target_id},
-                      stages=(*call.stages, "transfer")[:MAX_STAGES_PER_CALL])
+    moved = evolve(leg, linkedid=call.linkedid, stage="transfer", transfer_kind="attended", transferred_by=by,
+                   transferred_at=when)
+    updated = evolve(call, legs={**call.legs, target_id: moved}, live_channels=call.live_channels | {target_id},
+                     stages=(*call.stages, "transfer")[:MAX_STAGES_PER_CALL])
     consults = {k: v for k, v in state.consults.items() if k != event.get("SecondTransfererLinkedid")}
-    return replace(state, calls={**state.calls, call.linkedid: updated}, consults=consults)
+    return replace(_put(state, updated), consults=consults)
 
 
 def _bounded(event: AmiMessage) -> AmiMessage:
     """`event` with every value cut to MAX_VALUE_CHARS: a stranger's 1 MB caller name (or Uniqueid)
     must not be kept, per call and leg, for as long as the call lasts."""
-    if all(len(value) <= MAX_VALUE_CHARS for value in event.headers.values()):
+    if event.longest_value <= MAX_VALUE_CHARS:
         return event
     return replace(event, headers={k: v[:MAX_VALUE_CHARS] for k, v in event.headers.items()})
 
@@ -290,15 +316,17 @@ def _with_call(state: TrackerState, call: CallState,
                settings: TrackerSettings) -> tuple[TrackerState, list[Decision]]:
     """`state` with a new call; at `max_calls` the oldest is given up as lost, with a security
     alert (fake call starts that never end must not fill memory)."""
-    calls = dict(state.calls)
     lost: list[Decision] = []
-    while len(calls) >= settings.max_calls:
-        oldest = calls.pop(next(iter(calls)))  # dicts keep start order
+    while len(state.calls) >= settings.max_calls:
+        oldest = state.calls[state.order[state.oldest_seq]]
+        state = _without(state, oldest)
         lost += [CallLost(_record(oldest, settings)),
                  SecurityAlert("too_many_calls", "", oldest.inbound_uniqueid, oldest.linkedid,
                                f"more than {settings.max_calls} calls in progress: the oldest is given up")]
-    calls[call.linkedid] = call
-    return replace(state, calls=calls), lost
+    seq = state.next_seq
+    oldest_seq = seq if not state.order else state.oldest_seq
+    return evolve(state, calls=state.calls.set(call.linkedid, evolve(call, seq=seq)),
+                  order=state.order.set(seq, call.linkedid), next_seq=seq + 1, oldest_seq=oldest_seq), lost
 
 
 def _keyed(event: AmiMessage, settings: TrackerSettings) -> bool:
@@ -369,27 +397,33 @@ def _tick(state: TrackerState, now: datetime, settings: TrackerSettings) -> tupl
         state = replace(state, forward_marks={k: at for k, at in state.forward_marks.items()
                                               if abs(now - at) <= FORWARD_MARK_TTL})
     limit = settings.max_rings * settings.ring_period_seconds
-    decisions: list[Decision] = []
-    changed: dict[str, CallState] = {}
-    for linkedid, call in state.calls.items():
+    found: list[tuple[int, list[Decision]]] = []  # by the calls' order, whatever the map's
+    calls = state.calls
+    for call in state.calls.values():
         if (call.answered_leg is not None or call.inbound_ended_at is not None
-                or call.probe_nonce is not None or call.uncertain):
+                or call.probe_nonce is not None or call.uncertain
+                or (call.ring_limit_reported and (call.mobile_limit_reported or "mobile" not in call.stages))):
             continue
+        decisions: list[Decision] = []
         if not call.ring_limit_reported and _agents_stopped(call) is None:
             started = _ring_started_at(call)
             if started is not None and _past_limit(started, now, settings):
-                call = changed[linkedid] = replace(call, ring_limit_reported=True)
+                call = evolve(call, ring_limit_reported=True)
                 decisions.append(_ring_limit_violation(call, _record(call, settings), settings,
                                                        at=started + timedelta(seconds=limit)))
         mobile = _mobile_leg(call)
         if settings.mobile_ring_limit and mobile is not None and not call.mobile_limit_reported:
             started = _mobile_ring_started_at(mobile)
             if mobile.ended_at is None and mobile.answered_at is None and _past_limit(started, now, settings):
-                changed[linkedid] = replace(call, mobile_limit_reported=True)
                 decisions.append(_mobile_ring_limit_violation(call, mobile, settings))
-    if not changed:
-        return state, decisions
-    return replace(state, calls={**state.calls, **changed}), decisions
+                call = evolve(call, mobile_limit_reported=True)
+        if decisions:
+            calls = calls.set(call.linkedid, call)
+            found.append((call.seq, decisions))
+    if not found:
+        return state, []
+    found.sort(key=lambda pair: pair[0])
+    return evolve(state, calls=calls), [d for _, decisions in found for d in decisions]
 
 
 def _past_limit(started: datetime | None, now: datetime, settings: TrackerSettings) -> bool:
@@ -460,25 +494,26 @@ def _reconcile_with_snapshot(
     vanished unseen is lost (CEL rebuilds it); one still live becomes uncertain (its answer may
     have been missed); a hotline call live but untracked (it began while pbx-bridge was not
     listening) is taken in, with its true start, uncertain too."""
-    calls: dict[str, CallState] = {}
     decisions: list[Decision] = []
-    for linkedid, call in state.calls.items():
+    for _, linkedid in sorted(state.order.items()):  # in the order the calls were taken in
+        call = state.calls[linkedid]
         if call.inbound_uniqueid not in snapshot.uniqueids:
             decisions.append(CallLost(_record(call, settings)))
+            state = _without(state, call)
             continue
         through_gap = snapshot.since is None or call.started_at < snapshot.since
-        calls[linkedid] = replace(call, live_channels=call.live_channels & snapshot.uniqueids,
-                                  uncertain=call.uncertain or through_gap)
+        state = _put(state, evolve(call, live_channels=call.live_channels & snapshot.uniqueids,
+                                   uncertain=call.uncertain or through_gap))
     for channel in snapshot.channels:
-        if channel.linkedid in calls or not _is_hotline_inbound(channel, settings) or snapshot.at is None:
+        if channel.linkedid in state.calls or not _is_hotline_inbound(channel, settings) or snapshot.at is None:
             continue
-        if len(calls) >= settings.max_calls:
+        if len(state.calls) >= settings.max_calls:
             break
         adopted = _adopt(channel, [c for c in snapshot.channels if c.linkedid == channel.linkedid], snapshot.at,
                          settings)
-        calls[adopted.linkedid] = adopted
+        state, _ = _with_call(state, adopted, settings)
         decisions.append(CallStarted(_record(adopted, settings)))
-    return replace(state, calls=calls), decisions
+    return state, decisions
 
 
 def _is_hotline_inbound(channel: LiveChannel, settings: TrackerSettings) -> bool:
@@ -547,43 +582,43 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
         live = call.live_channels | {uniqueid}
         channel = event.get("Channel")
         if inbound or channel.startswith("Local/"):
-            return replace(call, live_channels=live)
+            return evolve(call, live_channels=live)
         stage = call.stages[-1] if call.stages else None
         transfer = stage in TRANSFER_STAGES
         leg = CallLeg(linkedid=call.linkedid, uniqueid=uniqueid, channel=channel, endpoint=endpoint_of(channel),
                       stage=stage, transfer_kind=call.transfer_kind if stage == "transfer" else None,
                       transferred_by=call.transfer_from if transfer else None)
-        return replace(call, live_channels=live, legs={**call.legs, uniqueid: leg})
+        return evolve(call, live_channels=live, legs={**call.legs, uniqueid: leg})
 
     if name == "UserEvent" and event.get("UserEvent") == "HotlineStage" and inbound:
         stage = event.get("Stage")
         if stage not in KNOWN_STAGES:
             return call
         if stage == "mobile":
-            return replace(call, stages=(*call.stages, stage), forwarded_to=event.get("Mobile") or None,
-                           duty_holder=_b64_text(event.get("HolderB64")) or None)
-        return replace(call, stages=(*call.stages, stage))
+            return evolve(call, stages=(*call.stages, stage), forwarded_to=event.get("Mobile") or None,
+                          duty_holder=_b64_text(event.get("HolderB64")) or None)
+        return evolve(call, stages=(*call.stages, stage))
 
     if name == "UserEvent" and event.get("UserEvent") == "HotlineTransfer" and inbound:
         kind = event.get("Kind")
         if kind not in ("blind", "attended", "return"):
             return call
-        return replace(call, stages=(*call.stages, "transfer_return" if kind == "return" else "transfer"),
-                       transfer_kind=kind, transfer_from=event.get("From")[:64] or None)
+        return evolve(call, stages=(*call.stages, "transfer_return" if kind == "return" else "transfer"),
+                      transfer_kind=kind, transfer_from=event.get("From")[:64] or None)
 
     if name == "UserEvent" and event.get("UserEvent") == "HotlineProbe" and inbound:
-        return replace(call, probe_nonce=event.get("Nonce"), stages=(*call.stages, "probe"))
+        return evolve(call, probe_nonce=event.get("Nonce"), stages=(*call.stages, "probe"))
 
     if name == "UserEvent" and event.get("UserEvent") == "HotlineRefused" and inbound:
-        return call if "refused" in call.stages else replace(call, stages=(*call.stages, "refused"))
+        return call if "refused" in call.stages else evolve(call, stages=(*call.stages, "refused"))
 
     if name == "NewCallerid" and inbound:
-        return replace(call, caller_number=event.get("CallerIDNum"),
-                       caller_name=_caller_name(event.get("CallerIDName")))
+        return evolve(call, caller_number=event.get("CallerIDNum"),
+                      caller_name=_caller_name(event.get("CallerIDName")))
 
     if name == "DialBegin":
         return _update_leg(call, event.get("DestUniqueid"),
-                           lambda leg: leg if leg.dial_started_at else replace(leg, dial_started_at=when))
+                           lambda leg: leg if leg.dial_started_at else evolve(leg, dial_started_at=when))
 
     if name == "DialState" and event.get("DialStatus") in RINGING_DIAL_STATUSES:
         return _update_leg(call, event.get("DestUniqueid"), lambda leg: _ringing(leg, when))
@@ -594,26 +629,26 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
     if name == "DialEnd":
         dest = event.get("DestUniqueid")
         status = event.get("DialStatus")
-        updated = _update_leg(call, dest, lambda leg: replace(
+        updated = _update_leg(call, dest, lambda leg: evolve(
             leg, dial_status=status, answered_at=when if status == "ANSWER" else leg.answered_at))
         if status == "ANSWER" and dest in call.legs and call.answered_leg is None:
             current = call.stages[-1] if call.stages and call.stages[-1] in ANSWERING_STAGES else None
-            updated = replace(updated, answered_leg=dest, answered_stage=current)
+            updated = evolve(updated, answered_leg=dest, answered_stage=current)
         return updated
 
     if name == "HangupRequest" and inbound and call.caller_hung_up_at is None:
         # A remote hangup queued on the caller's channel: the caller put the phone down.
-        return replace(call, caller_hung_up_at=when)
+        return evolve(call, caller_hung_up_at=when)
 
     if name == "Hangup":
         cause, text = _cause(event)
         live = call.live_channels - {uniqueid}
         if inbound:
-            return replace(call, live_channels=live, inbound_ended_at=when, hangup_cause=cause,
-                           hangup_cause_text=text)
-        updated = _update_leg(call, uniqueid, lambda leg: replace(
+            return evolve(call, live_channels=live, inbound_ended_at=when, hangup_cause=cause,
+                          hangup_cause_text=text)
+        updated = _update_leg(call, uniqueid, lambda leg: evolve(
             leg, ended_at=when, hangup_cause=cause, hangup_cause_text=text))
-        return replace(updated, live_channels=live)
+        return evolve(updated, live_channels=live)
 
     return call
 
@@ -627,7 +662,7 @@ def _b64_text(value: str) -> str:
 
 
 def _ringing(leg: CallLeg, when: datetime) -> CallLeg:
-    return leg if leg.ring_started_at else replace(leg, ring_started_at=when)
+    return leg if leg.ring_started_at else evolve(leg, ring_started_at=when)
 
 
 def _update_leg(call: CallState, uniqueid: str, change: Callable[[CallLeg], CallLeg]) -> CallState:
@@ -637,7 +672,7 @@ def _update_leg(call: CallState, uniqueid: str, change: Callable[[CallLeg], Call
     new_leg = change(leg)
     if new_leg is leg:
         return call
-    return replace(call, legs={**call.legs, uniqueid: new_leg})
+    return evolve(call, legs={**call.legs, uniqueid: new_leg})
 
 
 def _agent_legs(call: CallState) -> list[CallLeg]:
