@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -31,10 +32,18 @@ class Alerter:
         self._queue: deque[dict[str, Any]] = deque(maxlen=queue_limit)
         self._wakeup = asyncio.Event()
         self._stop = asyncio.Event()
+        self._acting: Callable[[], bool] = lambda: True
+
+    def only_while(self, acting: Callable[[], bool]) -> None:
+        """Send alerts only while `acting()` (the leader of a standby pair): the standby's are the leader's to send."""
+        self._acting = acting
 
     def submit(self, alert: dict[str, Any]) -> None:
         """Queue an alert; never blocks. When the queue is full the oldest alert is dropped."""
         if self._url is None:
+            return
+        if not self._acting():
+            log.info("alert_left_to_the_leader", kind=alert.get("kind"))
             return
         if len(self._queue) == self._queue.maxlen:
             self._metrics.alerts.labels("dropped").inc()

@@ -62,6 +62,8 @@ from pbx_bridge.storage.presence import (
     sign_out,
 )
 from pbx_bridge.tracker.tracker import TrackerState, live_calls
+from pbx_bridge.web import Changes, Wallboard
+from pbx_bridge.web import handlers as wallboard
 
 log = structlog.get_logger("pbx_bridge.api")
 
@@ -77,6 +79,13 @@ class LiveState:
     def __init__(self) -> None:
         self.state = TrackerState()
         self.last_customer_call_at: datetime | None = None  # real time a non-probe call last ended
+        self.changes = Changes()  # bumped when `state` changes: the wallboard pushes on it
+
+    def publish(self, state: TrackerState) -> None:
+        """Take the tracker's state after an input; wake the wallboard if it changed."""
+        if state is not self.state:
+            self.state = state
+            self.changes.bump()
 
     def last_activity(self) -> datetime | None:
         """When the hotline was last in use by a customer: now if a customer call is live."""
@@ -192,6 +201,11 @@ class ApiContext:
     agents: Sequence[str] = ()  # the configured agents' endpoints, whose presence the API shows and sets
     is_open: Callable[[], bool] = _always_open  # business hours now: the last agent may not sign out
     on_presence_change: Callable[[], Awaitable[object]] | None = None  # republish the dial string
+    wallboard: Wallboard | None = None  # GET /wallboard and its stream (pbx_bridge.web)
+    leading: Callable[[], bool] = lambda: True  # False on the standby of a pair: it changes nothing
+
+
+STANDBY = "this pbx-bridge is the standby: ask the leader (see /healthz, component leadership)"
 
 
 CONTEXT = web.AppKey("context", ApiContext)
@@ -261,6 +275,10 @@ async def authorize(request: web.Request,
     if not digests:
         return error(403, "the API is closed: no [api] tokens are configured")
     caller = identify(request.headers.get("Authorization", ""), digests)
+    if caller is None and wallboard.is_wallboard_route(request):  # a wall screen's key cookie opens these two
+        caller = wallboard.cookie_caller(request, digests)
+        if caller is None:
+            return wallboard.unauthorized(request)
     if caller is None:
         response = error(401, "missing or unknown bearer token")
         response.headers["WWW-Authenticate"] = 'Bearer realm="pbx-bridge"'
@@ -358,6 +376,8 @@ async def put_duty(request: web.Request) -> web.Response:
     """Replace the roster from now on; numbers must match the configured mobile pattern. Who did it
     (the token's name), when, and the entries before and after go to duty_roster_changes."""
     context = request.app[CONTEXT]
+    if not context.leading():
+        return error(503, STANDBY)
     actor = request[CALLER].name
     raw = await request.read()
     if len(raw) > MAX_BODY_BYTES:
@@ -392,6 +412,8 @@ async def post_probe(request: web.Request) -> web.Response:
     runner = request.app[CONTEXT].probes
     if runner is None:
         return error(503, "line probes are not configured: set [probe] caller_id")
+    if not request.app[CONTEXT].leading():
+        return error(503, STANDBY)
     raw = (await request.read()).strip()
     if raw not in (b"", b"{}"):
         return error(422, "a probe takes no parameters: what it dials comes from the configuration")
@@ -517,6 +539,8 @@ async def put_presence(request: web.Request) -> web.Response:
     """Sign an agent out or back in; who did it is the token's name. The last agent signed in may
     not sign out during business hours (409). The PBX is told at once (on_presence_change)."""
     context = request.app[CONTEXT]
+    if not context.leading():
+        return error(503, STANDBY)
     agent = request.match_info["agent"]
     if not AGENT_NAME.fullmatch(agent) or agent not in context.agents:
         return error(404, "no such agent")
@@ -592,7 +616,8 @@ def openapi_document() -> dict[str, Any]:
                                  "responses": {"202": {"description": "started or already running"},
                                                "422": json_error | {"description": "a body was given"},
                                                "429": json_error | {"description": "rate limited"},
-                                               "503": json_error | {"description": "probes not configured"}}}},
+                                               "503": json_error | {
+                                                   "description": "probes not configured, or this is the standby"}}}},
             "/probes/{id}": {"get": {"summary": "A probe's status and attempts",
                                      "parameters": [{"name": "id", "in": "path", "required": True,
                                                      "schema": {"type": "string"}}],
@@ -632,6 +657,7 @@ def openapi_document() -> dict[str, Any]:
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "json"}}}},
         },
     }
+    document["paths"] |= wallboard.OPENAPI_PATHS
     for method, path, _handler, access in ROUTES:
         operation = document["paths"][path][method.lower()]
         if access == PUBLIC:
@@ -666,6 +692,12 @@ ROUTES: Final[tuple[tuple[str, str, Callable[[web.Request], Awaitable[web.Stream
     ("PUT", "/calls/{linkedid}/note", put_note, AGENT),
     ("GET", "/agents", get_agents, EVERY_ROLE),  # who is signed out, and why
     ("PUT", "/agents/{agent}/presence", put_presence, OPS),
+    ("GET", "/wallboard", wallboard.wallboard_page, EVERY_ROLE),  # or the wallboard cookie (pbx_bridge.web)
+    ("GET", "/wallboard/stream", wallboard.wallboard_stream, EVERY_ROLE),  # numbers masked
+    ("GET", "/wallboard/link", wallboard.wallboard_link, EVERY_ROLE),  # a link that sets the cookie
+    ("GET", "/wallboard/login", wallboard.wallboard_login_link, PUBLIC),  # the form, or ?key= to the cookie
+    ("POST", "/wallboard/login", wallboard.wallboard_login, PUBLIC),  # a token once, to the cookie
+    ("GET", "/wallboard/static/{name}", wallboard.wallboard_static, PUBLIC),  # script and style, no data
 )
 
 
@@ -678,6 +710,8 @@ def create_app(context: ApiContext) -> web.Application:
     app[ACCESS] = {}
     for method, path, handler, access in ROUTES:
         app[ACCESS][app.router.add_route(method, path, handler)] = access
+    if context.wallboard is not None:
+        wallboard.attach(app, context.wallboard, app[TOKEN_DIGESTS])
 
     async def database_pool(app: web.Application) -> AsyncIterator[None]:
         await context.database.open()

@@ -328,6 +328,7 @@ def _write_atomically(target: Path, text: str, encoding: str) -> None:
 
 def _run(settings: Settings, log: structlog.typing.FilteringBoundLogger) -> None:
     from pbx_bridge.daemon import run_daemon
+    from pbx_bridge.standby import LeadershipLostError
     from pbx_bridge.storage.leader import AlreadyRunningError
 
     refused: str | None = None
@@ -335,6 +336,8 @@ def _run(settings: Settings, log: structlog.typing.FilteringBoundLogger) -> None
         asyncio.run(run_daemon(settings))
     except* AlreadyRunningError as group:  # a second pbx-bridge for this PBX: one line, exit 2
         refused = str(group.exceptions[0])
+    except* LeadershipLostError:  # fenced (logged as leadership_lost): exit, the supervisor restarts it as standby
+        raise SystemExit(EXIT_FAILURE) from None
     except* Exception as group:  # a daemon task failed: log every failure, exit non-zero
         for exc in group.exceptions:
             log.error("pbx_bridge_failed", error=repr(exc), exc_info=exc)

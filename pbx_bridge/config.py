@@ -126,11 +126,17 @@ class DatabaseSettings(Section):
 
 
 class PbxSettings(Section):
-    """[pbx]: which PBX this is. One pbx-bridge per PBX and database (a PostgreSQL advisory lock on
-    this name; unset: the AMI address, with this machine's host name when AMI is on loopback)."""
+    """[pbx]: which PBX this is. One pbx-bridge acts per PBX and database (a PostgreSQL advisory lock
+    on this name; unset: the AMI address, with this machine's host name when AMI is on loopback).
+
+    `standby = true` on both of a pair: the second one started waits as a hot standby (it tracks
+    the calls, acts for nothing) and leads within seconds of the leader's death or cut-off; a
+    leader that loses its lock's connection stops acting and exits. `false`: a second one is
+    refused, and a single one keeps acting while the database is down (records are journaled)."""
 
     # pydantic's (Rust) regex: `$` is the very end, a final newline does not match.
     name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@/-]+$")
+    standby: bool = False
 
 
 class HotlineSettings(Section):
@@ -705,6 +711,25 @@ def _apply_secret_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
                 table.pop(f"{key}_file", None)  # the environment beats a file named in the config
 
 
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd for LoadCredential= (systemd/pbx-bridge.service)
+
+
+def _resolve_secret_files(raw: dict[str, Any], config: Path, environ: dict[str, str]) -> None:
+    """A relative secret file path (ami.secret_file, api.token_file, api.tokens.N.token_file,
+    smtp.password_file) names a file in $CREDENTIALS_DIRECTORY when systemd set it, else beside
+    the configuration file: `secret_file = "ami.secret"` works in the unit and on the command line."""
+    base = Path(environ[CREDENTIALS_ENV]) if environ.get(CREDENTIALS_ENV) else config.absolute().parent
+    tables: list[tuple[object, str]] = [(raw.get("ami"), "secret_file"), (raw.get("api"), "token_file"),
+                                        (raw.get("smtp"), "password_file")]
+    api = raw.get("api")
+    if isinstance(api, dict) and isinstance(api.get("tokens"), list):
+        tables += [(entry, "token_file") for entry in api["tokens"]]
+    for table, key in tables:
+        if isinstance(table, dict) and isinstance(value := table.get(key), str) and value \
+                and not Path(value).is_absolute():
+            table[key] = str(base / value)
+
+
 def _describe(error: ValidationError) -> str:
     problems = []
     for item in error.errors():
@@ -729,6 +754,7 @@ def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     _apply_secret_env(raw, environ)
+    _resolve_secret_files(raw, path, environ)
     try:
         settings = Settings.model_validate(raw, context={"environ": environ})
         settings.ami.resolved_secret()

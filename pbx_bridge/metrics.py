@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 RING_BUCKETS = (1, 2, 3, 5, 7.5, 10, 12.5, 15, 20, 25, 30, 45, 60)  # seconds; 15 = three China rings
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)  # seconds
 
 
 class Metrics:
@@ -70,6 +71,15 @@ class Metrics:
         self.reconcile_failures = Counter("pbx_bridge_reconcile_failures",
                                           "Reconcile passes that failed (database unreachable, timeout)",
                                           registry=self.registry)
+        self.leader = Gauge("pbx_bridge_leader",
+                            "1 while this instance leads (acts for the PBX), 0 while it is the standby",
+                            registry=self.registry)
+        # The event loop itself (looplag.py): how late a timer fires; every part of the daemon waits that long.
+        self.loop_lag = Histogram("pbx_bridge_event_loop_lag_seconds",
+                                  "How late the event loop ran a due timer (sampled every 50 ms)",
+                                  buckets=LAG_BUCKETS, registry=self.registry)
+        self.loop_lag_max = Gauge("pbx_bridge_event_loop_lag_max_seconds",
+                                  "The longest event-loop lag seen since start", registry=self.registry)
         self.writer_errors = Counter("pbx_bridge_writer_errors",
                                      "Failed database writes, by kind (transient, data, blocked)", ["kind"],
                                      registry=self.registry)

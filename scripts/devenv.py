@@ -175,8 +175,26 @@ def link_pg_dir() -> None:
     link.symlink_to(PG_DIR, target_is_directory=True)
 
 
+# Debian packages the tests need on the host: headless Chromium (the wallboard and report tests
+# drive it through the DevTools protocol) and a CJK font (charts and pages draw Chinese with it).
+HOST_PACKAGES = ("chromium", "fonts-noto-cjk", "systemd")  # systemd: systemd-analyze verify of the unit
+
+
+def install_host_packages() -> None:
+    """apt-get install whichever of HOST_PACKAGES is missing."""
+    missing = [p for p in HOST_PACKAGES if subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True, check=False).stdout
+        != "install ok installed"]
+    if missing:
+        print(f"devenv: installing {' '.join(missing)} (apt-get)")
+        run(["apt-get", "update", "-qq"])
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
 def up() -> None:
     check_locations()
+    install_host_packages()
     STATE.mkdir(parents=True, exist_ok=True)
     link_pg_dir()
     run([str(REPO / "scripts" / "pg.sh"), "start", str(PG_DIR), PG_PORT])

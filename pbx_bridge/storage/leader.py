@@ -65,14 +65,20 @@ def session_name() -> str:
     return f"pbx-bridge {socket.gethostname()[:32]} pid {os.getpid()}"[:63]
 
 
-def lock_connect(dsn: str, timeout: float = 5.0) -> LockConnect:
-    """Connections for the lock: bounded, named, with TCP keepalives so the server drops the
-    session (and the lock) of a vanished daemon quickly."""
+SINGLE_KEEPALIVE = (10, 5, 3)  # idle, interval, count: a vanished daemon's lock is freed in about 25 s
+PAIR_KEEPALIVE = (1, 1, 2)  # a standby pair: freed in about 3 s, after the cut-off leader fenced itself
+
+
+def lock_connect(dsn: str, timeout: float = 5.0, keepalive: tuple[int, int, int] = SINGLE_KEEPALIVE) -> LockConnect:
+    """Connections for the lock: bounded, named, with server-side TCP keepalives so the server
+    drops the session (and the lock) of a vanished daemon quickly."""
+    idle, interval, count = keepalive
+
     async def connect(application_name: str) -> asyncpg.Connection:
         conn: asyncpg.Connection = await asyncpg.connect(
             dsn, timeout=timeout, command_timeout=timeout,
-            server_settings={"application_name": application_name, "tcp_keepalives_idle": "10",
-                             "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"})
+            server_settings={"application_name": application_name, "tcp_keepalives_idle": str(idle),
+                             "tcp_keepalives_interval": str(interval), "tcp_keepalives_count": str(count)})
         return conn
     return connect
 

@@ -28,6 +28,7 @@ from tests.support.calls import fetch, finished_calls
 from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.disk import fill, tiny_tmpfs
 from tests.support.env import REPO, STATE, DevEnv
+from tests.support.proxy import TcpProxy
 from tests.support.world import IGNORE, World, answer, connect_world, new_caller_number
 
 pytestmark = pytest.mark.e2e
@@ -344,54 +345,6 @@ async def test_journal_disk_full_during_calls(faults: Faults, devenv: DevEnv, tm
                     await asyncio.to_thread(faults.stop)
 
 
-class AmiProxy:
-    """A TCP relay between pbx-bridge and Asterisk's AMI that the test can cut, or hold down."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.down = False
-        self.port = 0
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def cut(self) -> None:
-        """Drop every relayed connection at once (both sides see a reset)."""
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.down:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
-
-
 async def get_json(url: str) -> Any:
     async with ClientSession(timeout=ClientTimeout(total=10)) as session, session.get(url) as response:
         return await response.json()
@@ -411,7 +364,7 @@ async def reconnected(bridge: BridgeProcess, sessions: int, since: float) -> flo
 async def test_ami_cut_mid_call_and_an_outage(faults: Faults, devenv: DevEnv, tmp_path: Path) -> None:
     if faults.current is not None:
         await asyncio.to_thread(faults.stop)
-    proxy = AmiProxy(int(str(devenv.sandbox["pbx_ami_port"])))
+    proxy = TcpProxy(int(str(devenv.sandbox["pbx_ami_port"])))
     await proxy.start()
     text = faults.config.read_text()
     text, replaced = re.subn(rf"(?m)^port = {devenv.sandbox['pbx_ami_port']}$", f"port = {proxy.port}", text)

@@ -29,9 +29,9 @@ class BridgeProcess:
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the daemon and wait until it has logged in to AMI (a restart forgets the log of
-        the process before, so waits see the new one)."""
+    def start(self, timeout: float = 20.0, ready: str = "routing_state_published") -> None:
+        """Start the daemon and wait until it has logged in to AMI and logged `ready` (a restart
+        forgets the log of the process before, so waits see the new one). A standby: "standby"."""
         with self._lock:
             self.lines, self.raw = [], []
         self._process = subprocess.Popen(
@@ -40,7 +40,12 @@ class BridgeProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.wait_for("ami_connected", timeout)
-        self.wait_for("routing_state_published", timeout)
+        self.wait_for(ready, timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the process was started and has not exited."""
+        return self._process is not None and self._process.poll() is None
 
     def _read(self) -> None:
         assert self._process is not None and self._process.stderr is not None

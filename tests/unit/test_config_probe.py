@@ -96,7 +96,7 @@ def test_check_config_says_which_line_probes_use(tmp_path: Path, capsys: pytest.
 async def probes_health(settings: Settings) -> tuple[bool, dict[str, Any]]:
     """The /healthz `probes` component (it reads the configuration only)."""
     none = cast(Any, None)
-    checks = health_checks(settings, none, none, none, none, none, none, none, none)
+    checks = health_checks(settings, none, none, none, none, none, none, none, none, none)
     return await checks["probes"]()
 
 
