@@ -253,7 +253,8 @@ async def _report(settings: Settings, day: date | None, fmt: str, email: bool, o
     day = day or default_day(now, settings.zone)
     conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
     try:
-        report = await build_report(conn, day, generated_at=now)
+        report = await build_report(conn, day, generated_at=now,
+                                    ring_limit_seconds=settings.ring.period_seconds * settings.ring.max_rings)
     finally:
         await conn.close()
     if report.timezone != settings.timezone:

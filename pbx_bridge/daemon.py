@@ -540,7 +540,8 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         metrics.violations.labels(COMPLAINT_OVERDUE).inc()
         alerter.submit(alert)
 
-    reports = DailyReportScheduler(settings.report, settings.smtp, settings.zone, clock, connect)
+    reports = DailyReportScheduler(settings.report, settings.smtp, settings.zone, clock, connect,
+                                   ring_limit_seconds=settings.ring.period_seconds * settings.ring.max_rings)
     complaints = ComplaintWatch(connect, settings.call_sheet.complaint_reply_minutes,
                                 settings.call_sheet.sweep_interval_seconds,
                                 lambda: datetime.now(UTC), complaint_overdue)  # call times are real time

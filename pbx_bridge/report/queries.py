@@ -13,8 +13,10 @@ from pbx_bridge.report.model import KPI_COLUMNS, DailyReport
 # Reading the views
 
 
-async def build_report(conn: asyncpg.Connection, day: date, *, generated_at: datetime | None = None) -> DailyReport:
-    """Read the report of local `day` from the supervisor views (what role pbx_bridge may SELECT)."""
+async def build_report(conn: asyncpg.Connection, day: date, *, generated_at: datetime | None = None,
+                       ring_limit_seconds: float = 15.0) -> DailyReport:
+    """Read the report of local `day` from the supervisor views (what role pbx_bridge may SELECT);
+    `ring_limit_seconds` ([ring] period_seconds x max_rings) is the line on the ring-time chart."""
     generated_at = generated_at or datetime.now(UTC)
     async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot for every section
         timezone = await conn.fetchval("SELECT timezone FROM bridge_settings LIMIT 1") or "Asia/Shanghai"
@@ -58,6 +60,7 @@ async def build_report(conn: asyncpg.Connection, day: date, *, generated_at: dat
         hourly=tuple(dict(r) for r in hourly),
         ring_seconds=tuple(float(r["ring_seconds"]) for r in rang),
         week=tuple(dict(r) for r in week),
+        ring_limit_seconds=ring_limit_seconds,
     )
 
 

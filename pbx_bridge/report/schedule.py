@@ -35,9 +35,11 @@ class DailyReportScheduler:
     name = "daily-report"  # its task's name (lifecycle.Service)
 
     def __init__(self, report: ReportSettings, smtp: SmtpSettings, zone: tzinfo, clock: Clock,
-                 connect: Callable[[], Awaitable[asyncpg.Connection]], check_interval: float = 60.0) -> None:
+                 connect: Callable[[], Awaitable[asyncpg.Connection]], check_interval: float = 60.0,
+                 ring_limit_seconds: float = 15.0) -> None:
         self._report = report
         self._smtp = smtp
+        self._ring_limit = ring_limit_seconds
         self._zone = zone
         self._clock = clock
         self._connect = connect
@@ -93,7 +95,7 @@ class DailyReportScheduler:
                 if await conn.fetchval("SELECT EXISTS (SELECT FROM report_deliveries WHERE day = $1)", day):
                     self._last_sent_day = day
                     return None
-                report = await build_report(conn, day, generated_at=now)
+                report = await build_report(conn, day, generated_at=now, ring_limit_seconds=self._ring_limit)
             finally:
                 await conn.close()
             message = await asyncio.to_thread(compose_email, report, self._smtp, recipients, self._report.format)

@@ -143,7 +143,6 @@ class Throughput:
     framing: float
     tracker: float
     pipeline: float | None = None
-    patched: float | None = None  # the full pipeline with patched_daemon.py's P1 and P2
 
 
 async def full_pipeline(daemon: harness.Daemon, ami: FakeAmi, commits: harness.Commits, data: bytes,
@@ -343,14 +342,13 @@ def report(rows: list[Throughput], load: Latency | None, curve: list[tuple[int, 
     out = [f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}.", "",
            "### Throughput (AMI events per second; × = ratio to panoramisk 1.4's bare parse of the same bytes, "
            "same run)", "",
-           "| live calls | events | panoramisk parse | framing | framing + tracker | full pipeline (rows committed) "
-           "| full pipeline with P1+P2 |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
+           "| live calls | events | panoramisk parse | framing | framing + tracker | full pipeline (rows committed) |",
+           "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         def cell(rate: float | None, base: float = r.panoramisk) -> str:
             return "n/a" if rate is None else f"{rate:,.0f} ({rate / base:.2f}×)"
         out.append(f"| {r.live:,} | {r.events:,} | {r.panoramisk:,.0f} (1.00×) | {cell(r.framing)} | "
-                   f"{cell(r.tracker)} | {cell(r.pipeline)} | {cell(r.patched)} |")
+                   f"{cell(r.tracker)} | {cell(r.pipeline)} |")
     out += ["", "Goals: full pipeline ≥ 1.0× at 210 live calls, ≥ 0.8× at 2,100."]
     if load is not None:
         out += ["", f"### Latency under load ({CALLS_PER_SECOND} calls/s for {load.seconds:.0f} s through the real "
@@ -390,14 +388,14 @@ def write_section(marker: str, body: str, command: str) -> None:
     DOC.write_text(text)
 
 
-async def measure_pipeline(rows: list[Throughput], patched: bool = False) -> None:
+async def measure_pipeline(rows: list[Throughput]) -> None:
     """The full-pipeline column: the real daemon, the stand-in AMI, a scratch database."""
     key = event_key(SECRET)
     ami = FakeAmi(event_key_id(key))
     port = await ami.start()
     seq = 1000
     async with harness.scratch_database() as dsn, harness.webhook_receiver() as (url, _), \
-            harness.listen_commits(dsn) as commits, harness.daemon(dsn, port, SECRET, url, patched) as bridge:
+            harness.listen_commits(dsn) as commits, harness.daemon(dsn, port, SECRET, url) as bridge:
         await _ready(ami, bridge)
         warm, events, calls = stream(10, 2, key, seq, "warm")
         seq += events + 10
@@ -409,12 +407,8 @@ async def measure_pipeline(rows: list[Throughput], patched: bool = False) -> Non
                 data, events, calls = stream(copies, rounds, key, seq, f"p{row.live}a{attempt}")
                 seq += events + 10
                 rates.append(await full_pipeline(bridge, ami, commits, data, events, calls))
-            if patched:
-                row.patched = max(rates)
-            else:
-                row.pipeline = max(rates)
-            print(f"  full pipeline{' (P1+P2)' if patched else ''}, {row.live} live calls: {max(rates):,.0f} "
-                  "events/s", flush=True)
+            row.pipeline = max(rates)
+            print(f"  full pipeline, {row.live} live calls: {max(rates):,.0f} events/s", flush=True)
     await ami.close()
 
 
@@ -433,7 +427,6 @@ async def main_async() -> None:
         print(f"  {live} live calls: panoramisk {events / pano:,.0f}, framing {events / framing:,.0f}, "
               f"framing+tracker {events / tracking:,.0f} events/s", flush=True)
     await measure_pipeline(rows)
-    await measure_pipeline(rows, patched=True)
     async with harness.scratch_database() as dsn:
         print(f"  latency: {CALLS_PER_SECOND} calls/s for {LOAD_SECONDS:.0f} s ...", flush=True)
         load = await latency(dsn)

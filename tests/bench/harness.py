@@ -165,9 +165,8 @@ class Daemon:
 
 
 @contextlib.asynccontextmanager
-async def daemon(dsn: str, ami_port: int, secret: str, webhook: str, patched: bool = False) -> AsyncIterator[Daemon]:
-    """Run the real daemon against the stand-in AMI and the scratch database; SIGTERM at the end.
-    `patched`: with the hot-path patches of patched_daemon.py."""
+async def daemon(dsn: str, ami_port: int, secret: str, webhook: str) -> AsyncIterator[Daemon]:
+    """Run the real daemon against the stand-in AMI and the scratch database; SIGTERM at the end."""
     with tempfile.TemporaryDirectory(prefix="pbx-bridge-bench-") as tmp:
         directory = Path(tmp)
         (directory / "ami.secret").write_text(secret + "\n")
@@ -200,8 +199,6 @@ enabled = false
         command = [str(REPO / ".venv" / "bin" / "pbx-bridge"), "run", "--config", str(config)]
         if trace := os.environ.get("PBX_BRIDGE_BENCH_WRAPPER"):  # a script that wraps the daemon (diagnosis)
             command = [sys.executable, trace, *command[1:]]
-        if patched:
-            command = [sys.executable, str(Path(__file__).with_name("patched_daemon.py")), *command[1:]]
         if profile := os.environ.get("PBX_BRIDGE_BENCH_PROFILE"):  # cProfile the daemon into this file
             command = [sys.executable, "-m", "cProfile", "-o", profile, *command]
         process = subprocess.Popen(command,
