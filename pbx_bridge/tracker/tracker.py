@@ -288,6 +288,8 @@ def _attended_transfer(state: TrackerState, event: AmiMessage, when: datetime) -
     if event.get("Result") != "Success" or call is None:
         return state
     target_id = event.get("TransferTargetUniqueid")
+    if target_id not in call.legs and max(len(call.legs), len(call.live_channels)) >= MAX_CHANNELS_PER_CALL:
+        return state  # bounded: a real call never has this many
     target_channel = event.get("TransferTargetChannel")
     leg = consult.legs.get(target_id) if consult is not None else None
     if leg is None:
@@ -576,12 +578,14 @@ def _advance(call: CallState, event: AmiMessage, when: datetime) -> CallState:
     if name == "UserEvent" and len(call.stages) >= MAX_STAGES_PER_CALL:
         return call  # a real call announces a handful of stages
     if name == "Newchannel":
-        if uniqueid not in call.live_channels and max(len(call.live_channels),
-                                                      len(call.legs)) >= MAX_CHANNELS_PER_CALL:
+        if uniqueid not in call.live_channels and len(call.live_channels) >= MAX_CHANNELS_PER_CALL:
             return call
         live = call.live_channels | {uniqueid}
         channel = event.get("Channel")
-        if inbound or channel.startswith("Local/"):
+        # Bounded on its own: a repeated Newchannel of a channel already live (a Local one, say)
+        # must not add a leg past the bound either.
+        if inbound or channel.startswith("Local/") or (
+                uniqueid not in call.legs and len(call.legs) >= MAX_CHANNELS_PER_CALL):
             return evolve(call, live_channels=live)
         stage = call.stages[-1] if call.stages else None
         transfer = stage in TRANSFER_STAGES
