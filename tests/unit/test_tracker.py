@@ -26,7 +26,7 @@ from pbx_bridge.tracker import (
     ViolationKind,
     apply,
 )
-from pbx_bridge.tracker.tracker import endpoint_of
+from pbx_bridge.tracker.tracker import MAX_CHANNELS_PER_CALL, endpoint_of
 from tests.support.capture import FIXTURE_EVENT_KEY
 from tests.support.fixtures import fixture_messages
 
@@ -439,3 +439,31 @@ def test_dialplan_events_without_the_key_are_refused() -> None:
     assert [d.reason for d in decisions if isinstance(d, SecurityAlert)] == ["forged_user_event"] * 2
     [ended_call] = [d for d in decisions if isinstance(d, CallEnded)]
     assert ended_call.record.forwarded_to is None  # the stage events were not believed
+
+
+def test_a_calls_legs_stay_bounded_when_live_local_channels_are_announced_again_as_phones() -> None:
+    """Found by `make fuzz`: channels announced first as Local ones (live, no leg), then again as
+    phones', added legs past the bound. The captured agent leg and its hangup, renamed: 60 legs
+    that come and go, then 10 Local channels at once, each announced again as a phone."""
+    messages = fixture_messages("answered_7s_talk_4s")
+    newchannel, hangup = messages[4], messages[18]
+    assert (newchannel.event, hangup.event) == ("Newchannel", "Hangup")
+    phone = newchannel.get("Channel")
+    state, _ = run(messages[:4])
+
+    def announce(n: int, channel: str, template: AmiMessage = newchannel) -> None:
+        nonlocal state
+        renamed = {**template.headers, "uniqueid": f"{newchannel.get('Uniqueid')}-{n}", "channel": channel}
+        state, _ = apply(state, AmiMessage(renamed), SETTINGS)
+
+    for n in range(60):
+        announce(n, f"Local/{n}@hotline-transfer-{n:08x};1")
+        announce(n, phone)
+        announce(n, phone, hangup)
+    for n in range(60, 70):
+        announce(n, f"Local/{n}@hotline-transfer-{n:08x};1")
+    for n in range(60, 70):
+        announce(n, phone)
+    [call] = state.calls.values()
+    assert len(call.legs) <= MAX_CHANNELS_PER_CALL
+    assert len(call.live_channels) <= MAX_CHANNELS_PER_CALL
