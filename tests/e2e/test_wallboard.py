@@ -131,6 +131,8 @@ async def test_a_real_call_on_the_wallboard_from_ring_to_hangup(bridge: BridgePr
         fonts = await page.fonts_of("header h1")
         assert any("CJK" in f["familyName"] for f in fonts), fonts  # Chinese drawn with a CJK font, not boxes
         calls_before = await page.evaluate("window.wallboard.figures.kpi.calls")
+        # why it is open, in Chinese (the schedule says "weekly hours")
+        assert await page.evaluate("document.getElementById('reason').textContent") == "正常营业时间"
         await page.screenshot(shots / "wallboard-idle.png")
 
         number = new_caller_number()

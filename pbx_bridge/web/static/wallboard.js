@@ -44,6 +44,17 @@
   let lang = query.get('lang') || window.localStorage.getItem('wallboard-lang') || 'zh';
   if (!TEXT[lang]) lang = 'zh';
   const t = (key) => TEXT[lang][key] ?? key;
+  // Why the hotline is open or closed today, as pbx_bridge/schedule.py words it, in the page's language.
+  function reasonText(reason) {
+    if (lang !== 'zh') return reason;
+    let m;
+    if (reason === 'weekly hours') return '正常营业时间';
+    if ((m = /^weekly hours \(no holiday data for (\d+)\)$/.exec(reason))) return `正常营业时间(缺少${m[1]}年节假日数据)`;
+    if ((m = /^statutory holiday(?:: (.+))?$/.exec(reason))) return m[1] ? `法定节假日:${m[1]}` : '法定节假日';
+    if ((m = /^adjusted working day \(调休(?:: (.+))?\)$/.exec(reason))) return m[1] ? `调休工作日:${m[1]}` : '调休工作日';
+    if ((m = /^override: (.+?)(?: \(database\))?$/.exec(reason))) return `临时调整:${m[1]}`;
+    return reason;
+  }
 
   // What tests and people may look at from the console: when each call was first seen, the state.
   const board = { seen: {}, connected: false, live: null, liveAt: 0, figures: null, lastMessage: 0, events: 0 };
@@ -145,7 +156,7 @@
     open.className = `badge ${routing ? (routing.open ? 'open' : 'closed') : 'unknown'}`;
     open.textContent = routing ? t(routing.open ? 'open' : 'closed') : '—';
     $('holder').textContent = routing && routing.holder ? routing.holder : '—';
-    $('reason').textContent = routing && routing.reason ? routing.reason : '';
+    $('reason').textContent = routing && routing.reason ? reasonText(routing.reason) : '';
     const trunk = live.trunk;
     const trunkState = $('trunk-state');
     trunkState.textContent = !trunk ? '—' : trunk.reachable === true ? t('reachable')
