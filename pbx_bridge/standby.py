@@ -18,7 +18,6 @@ from pbx_bridge.tracker import CallEnded, Violation
 log = structlog.get_logger("pbx_bridge.standby")
 
 Kept = CallEnded | Violation
-Alert = Callable[[dict[str, object]], None]
 
 
 class LeadershipLostError(Exception):
@@ -47,7 +46,6 @@ class Leadership:
         self._metric = metric
         self._stop = asyncio.Event()
         self._announced = False
-        self.since = time.monotonic()
 
     @property
     def leading(self) -> bool:
@@ -85,7 +83,6 @@ class Leadership:
             return
         if got:
             self._leading = True
-            self.since = time.monotonic()
             self._publish_metric()
             self.became_leader.set()
             log.info("leadership_taken", pbx=self.lock.identity, role="leader")
