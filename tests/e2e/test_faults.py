@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, ClientTimeout
 
 from tests.e2e.conftest import OPEN_HOURS
 from tests.e2e.test_reconnect import pbx_pid, restart_sandbox
@@ -29,6 +29,7 @@ from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.disk import fill, tiny_tmpfs
 from tests.support.env import REPO, STATE, DevEnv
 from tests.support.proxy import TcpProxy
+from tests.support.webhook import Webhook
 from tests.support.world import IGNORE, World, answer, connect_world, new_caller_number
 
 pytestmark = pytest.mark.e2e
@@ -270,40 +271,6 @@ async def test_daemon_sigkill_while_postgresql_is_down_then_a_torn_journal_line(
     [replayed] = bridge.events("journal_replayed")
     assert replayed["records"] >= len(plans)  # their final records, from the journal
     await verify(devenv, plans, timeout=40)
-
-
-class Webhook:
-    """The ops webhook: a local HTTP receiver that keeps every alert POSTed to it."""
-
-    def __init__(self) -> None:
-        self.alerts: list[dict[str, Any]] = []
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> Webhook:
-        async def receive(request: web.Request) -> web.Response:
-            self.alerts.append(await request.json())
-            return web.Response(status=204)
-
-        app = web.Application()
-        app.router.add_post("/alerts", receive)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/alerts"
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
-    async def wait_for(self, kind: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if found := [a for a in self.alerts if a.get("kind") == kind]:
-                return found[-1]
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"no {kind!r} alert; got {[a.get('kind') for a in self.alerts]}")
 
 
 async def test_journal_disk_full_during_calls(faults: Faults, devenv: DevEnv, tmp_path: Path) -> None:

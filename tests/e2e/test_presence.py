@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, ClientTimeout
 
 from pbx_bridge.config import load_settings
 from pbx_bridge.storage.settings import open_periods
@@ -21,6 +21,7 @@ from tests.e2e.test_routing import legs_of
 from tests.support.calls import fetch, one_call
 from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.env import DevEnv
+from tests.support.webhook import Webhook
 from tests.support.world import BUSY, IGNORE, answer, connect_pbx_admin, connect_world, new_caller_number
 
 pytestmark = pytest.mark.e2e
@@ -44,19 +45,8 @@ async def clean_presence(devenv: DevEnv) -> AsyncIterator[None]:
 
 @pytest.fixture
 async def alerts() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-    received: list[dict[str, Any]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        received.append(await request.json())
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/alerts", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/alerts", received
-    await runner.cleanup()
+    async with Webhook() as webhook:
+        yield webhook.url, webhook.alerts
 
 
 BREAK_MINUTES = 0.1  # 6 s: a real break from the phone, on a short limit

@@ -9,10 +9,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, ClientTimeout
 
 from tests.e2e.conftest import OPEN_HOURS
 from tests.e2e.test_faults import get_json
@@ -22,6 +21,7 @@ from tests.support.daemon import BridgeProcess, derived_config
 from tests.support.env import DevEnv
 from tests.support.mail import MailServer, free_port
 from tests.support.ops import api_token
+from tests.support.webhook import Webhook
 from tests.support.world import IGNORE, answer, connect_world, new_caller_number
 
 pytestmark = pytest.mark.e2e
@@ -30,32 +30,10 @@ PORTS = (18451, 18452)
 AGENTS = ("agent101", "agent102")
 
 
-class Webhook:
-    """The alerts both instances send to, as received."""
-
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.url = ""
-
-    async def hook(self, request: web.Request) -> web.Response:
-        self.received.append(await request.json())
-        return web.Response(status=204)
-
-    def kinds(self, kind: str) -> list[dict[str, Any]]:
-        return [a for a in self.received if a.get("kind") == kind]
-
-
 @pytest.fixture
 async def webhook() -> AsyncIterator[Webhook]:
-    receiver = Webhook()
-    app = web.Application()
-    app.router.add_post("/alerts", receiver.hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/alerts"
-    yield receiver
-    await runner.cleanup()
+    async with Webhook() as receiver:
+        yield receiver
 
 
 REPORT_DAY = "2026-11-23"  # the day before OPEN_HOURS: its report is due (09:00) when the pair starts
