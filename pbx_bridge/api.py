@@ -49,6 +49,7 @@ from pbx_bridge.notes import (
     read_sheet,
     save_sheet,
 )
+from pbx_bridge.pbx import PbxNotNamedError
 from pbx_bridge.probes import ProbeRunner, RateLimitedError
 from pbx_bridge.storage.presence import (
     MAX_REASON,
@@ -108,6 +109,8 @@ class DatabaseUnavailableError(Exception):
 def failure_reason(exc: BaseException) -> str:
     """A short, fixed description of a database failure: what /healthz and API errors may show
     (the exception's text, with addresses, paths or server messages, goes to the log only)."""
+    if isinstance(exc, PbxNotNamedError):
+        return "the PBX has no name yet (its first AMI login gives it)"
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -128,8 +131,10 @@ class ApiDatabase:
     most `acquire_timeout` seconds for one (then 503). Opened and closed with the aiohttp app."""
 
     def __init__(self, dsn: str, *, max_size: int = 4, acquire_timeout: float = 2.0,
-                 command_timeout: float = 10.0, application_name: str = "pbx-bridge-api") -> None:
+                 command_timeout: float = 10.0, application_name: str = "pbx-bridge-api",
+                 pbx: Callable[[], str] | None = None) -> None:
         self._dsn = dsn
+        self._pbx = pbx  # the PBX its sessions are for (pbx_bridge.pbx), asked for each new connection
         self.max_size = max_size
         self.acquire_timeout = acquire_timeout
         self.command_timeout = command_timeout
@@ -143,7 +148,12 @@ class ApiDatabase:
         self._pool = await asyncpg.create_pool(
             self._dsn, min_size=0, max_size=self.max_size, timeout=self.acquire_timeout,
             command_timeout=self.command_timeout, max_inactive_connection_lifetime=60,
-            server_settings={"application_name": self.application_name})
+            server_settings={"application_name": self.application_name}, init=self._for_pbx)
+
+    async def _for_pbx(self, conn: asyncpg.Connection) -> None:
+        """A new connection's session writes for the PBX (an OSError, retried, while it has no name)."""
+        if self._pbx is not None:
+            await conn.execute("SELECT set_config('pbx_bridge.pbx', $1, false)", self._pbx())
 
     async def close(self) -> None:
         """Close the pool, waiting at most 5 s for connections in use, then cutting them."""

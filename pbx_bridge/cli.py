@@ -16,6 +16,7 @@ import structlog
 from pbx_bridge import __version__
 from pbx_bridge.config import ConfigError, Settings, config_path, load_settings
 from pbx_bridge.logs import configure_logging
+from pbx_bridge.pbx import PbxName, PbxNameError, learn_pbx, name_for, pbx_dsn
 from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
 from pbx_bridge.storage.settings import publish_settings
 
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--email", action="store_true",
                         help="mail it to [report] recipients instead ([report] format, the CSV attached)")
     report.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    report.add_argument("--pbx", metavar="NAME", help="the report of this PBX of the database (default: this "
+                        "configuration's, [pbx] name or else Asterisk's systemname, asked over AMI)")
     reconcile = commands.add_parser(
         "reconcile", parents=[common],
         help="build or complete, from the cel table, the records of hotline calls in a range that lack a final one")
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "zone without an offset), or a time ago such as 90m, 6h, 2d")
     reconcile.add_argument("--until", type=_moment, metavar="T", help="and before T (default: now)")
     reconcile.add_argument("--dry-run", action="store_true", help="print what would be done, write nothing")
+    reconcile.add_argument("--system-name", metavar="NAME",
+                           help="Asterisk's systemname ('' for none), when AMI cannot be asked: the CEL rows "
+                                "of this PBX are those whose linkedid starts with it")
     return parser
 
 
@@ -186,8 +192,29 @@ def _dialplan(settings: Settings, output: str | None, source: str) -> None:
     print(f"wrote {target}")
 
 
+async def _pbx(settings: Settings, system_name: str | None = None, *, need_system_name: bool = False) -> PbxName:
+    """This PBX's name (and systemname): from the configuration and the command line, else from
+    one AMI session (PbxNameError when AMI does not answer within 10 s)."""
+    if settings.pbx.name is not None and (system_name is not None or not need_system_name):
+        return PbxName(settings.pbx.name, system_name)
+    if system_name is not None:
+        return PbxName(name_for(settings.pbx.name, system_name), system_name)
+    learnt = await learn_pbx(settings, give_up_after=10)
+    assert learnt is not None  # no stop event: it returns or raises
+    return learnt
+
+
+async def _connect(settings: Settings, pbx: PbxName | None) -> asyncpg.Connection:
+    """A database session, writing for `pbx` if given."""
+    dsn = settings.database.dsn.get_secret_value()
+    conn: asyncpg.Connection = await asyncpg.connect(dsn if pbx is None else pbx_dsn(dsn, pbx.name), timeout=10)
+    return conn
+
+
 async def _migrate(settings: Settings) -> None:
-    conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
+    # Rows older than the `pbx` column are named after [pbx] name if set (else, by the migration,
+    # after the systemname in their linkedids).
+    conn = await _connect(settings, PbxName(settings.pbx.name, None) if settings.pbx.name else None)
     try:
         applied = await migrate(conn, sql_dir())
         await publish_settings(conn, settings)
@@ -222,15 +249,16 @@ def main(argv: list[str] | None = None) -> None:
             _run(settings, log)
         elif args.command == "report":
             raise SystemExit(asyncio.run(_report(settings, args.date, args.format or "text", args.email,
-                                                 args.output)))
+                                                 args.output, args.pbx)))
         elif args.command == "reconcile":
-            raise SystemExit(asyncio.run(_reconcile(settings, args.since, args.until, args.dry_run)))
-    except (MigrationError, OSError, asyncpg.PostgresError) as exc:
+            raise SystemExit(asyncio.run(_reconcile(settings, args.since, args.until, args.dry_run, args.system_name)))
+    except (MigrationError, PbxNameError, OSError, asyncpg.PostgresError) as exc:
         print(f"pbx-bridge {args.command}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_FAILURE) from None
 
 
-async def _report(settings: Settings, day: date | None, fmt: str, email: bool, output: str | None) -> int:
+async def _report(settings: Settings, day: date | None, fmt: str, email: bool, output: str | None,
+                  pbx_name: str | None = None) -> int:
     """Build the report of `day` from the views; print it, write it to `output`, or mail it."""
     from pbx_bridge.report import (
         ReportError,
@@ -251,7 +279,7 @@ async def _report(settings: Settings, day: date | None, fmt: str, email: bool, o
         return EXIT_CONFIG
     now = Clock.from_environment().now()
     day = day or default_day(now, settings.zone)
-    conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
+    conn = await _connect(settings, PbxName(pbx_name, None) if pbx_name else await _pbx(settings))
     try:
         report = await build_report(conn, day, generated_at=now,
                                     ring_limit_seconds=settings.ring.period_seconds * settings.ring.max_rings)
@@ -277,7 +305,8 @@ async def _report(settings: Settings, day: date | None, fmt: str, email: bool, o
     return 0
 
 
-async def _reconcile(settings: Settings, since_text: str, until_text: str | None, dry_run: bool) -> int:
+async def _reconcile(settings: Settings, since_text: str, until_text: str | None, dry_run: bool,
+                     system_name: str | None) -> int:
     """Rebuild from CEL the hotline calls of a range that lack a final record; print each call's fate."""
     from pbx_bridge.cel.reconcile import reconcile, tracker_settings_for
 
@@ -288,14 +317,17 @@ async def _reconcile(settings: Settings, since_text: str, until_text: str | None
     if until <= since:
         print("pbx-bridge reconcile: --until must be after --since", file=sys.stderr)
         return EXIT_CONFIG
-    conn = await asyncpg.connect(settings.database.dsn.get_secret_value(), timeout=10)
+    pbx = await _pbx(settings, system_name, need_system_name=True)
+    assert pbx.system_name is not None
+    conn = await _connect(settings, pbx)
     try:
-        outcomes = await reconcile(conn, tracker_settings_for(settings), since, until, dry_run=dry_run)
+        outcomes = await reconcile(conn, tracker_settings_for(settings), since, until, system_name=pbx.system_name,
+                                   dry_run=dry_run)
     finally:
         await conn.close()
     zone = settings.zone
     span = f"{since.astimezone(zone):%Y-%m-%d %H:%M:%S} .. {until.astimezone(zone):%Y-%m-%d %H:%M:%S}"
-    print(f"hotline calls started {span} ({settings.timezone}): {len(outcomes)} in CEL"
+    print(f"hotline calls of the PBX {pbx.name} started {span} ({settings.timezone}): {len(outcomes)} in CEL"
           f"{' (dry run: nothing written)' if dry_run else ''}")
     would = {"created": "would create", "completed": "would complete", "replaced": "would replace"}
     counts: dict[str, int] = {}

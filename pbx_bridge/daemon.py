@@ -42,6 +42,7 @@ from pbx_bridge.lifecycle import Service, Task, run_services
 from pbx_bridge.looplag import LoopLag
 from pbx_bridge.metrics import Metrics
 from pbx_bridge.notes import COMPLAINT_OVERDUE, ComplaintWatch
+from pbx_bridge.pbx import PbxNaming, read_system_name
 from pbx_bridge.phones import PhoneWatch
 from pbx_bridge.presence import PresenceDesk
 from pbx_bridge.probes import ProbeRunner, ProbeScheduler, ProbeTarget
@@ -437,20 +438,37 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     gc.freeze()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        await _run(settings, stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
-    dsn = settings.database.dsn.get_secret_value()
+
+async def _run(settings: Settings, stop: asyncio.Event) -> None:
+    raw_dsn = settings.database.dsn.get_secret_value()
     identity = pbx_identity(settings.ami.host, settings.ami.port, settings.pbx.name)
     if settings.pbx.standby:  # a pair: whoever holds the lock leads, the other waits hot
-        pbx_lock = PbxLock(lock_connect(dsn, keepalive=PAIR_KEEPALIVE), identity)
+        pbx_lock = PbxLock(lock_connect(raw_dsn, keepalive=PAIR_KEEPALIVE), identity)
     else:  # First of all: refuse to be a second pbx-bridge for this PBX (AlreadyRunningError: exit 2).
-        pbx_lock = await hold_pbx_lock(dsn, identity)
+        pbx_lock = await hold_pbx_lock(raw_dsn, identity)
+    try:
+        await _serve(settings, stop, pbx_lock)
+    finally:
+        await pbx_lock.release()
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, pbx_lock: PbxLock) -> None:
+    """The daemon proper, once its PBX lock is taken (or waited for: a standby)."""
+    # Every session writes for this PBX: [pbx] name, else the systemname read at the first login.
+    pbx = PbxNaming(settings.database.dsn.get_secret_value(), settings.pbx.name)
 
     async def connect() -> asyncpg.Connection:
-        conn: asyncpg.Connection = await asyncpg.connect(dsn)
+        conn: asyncpg.Connection = await asyncpg.connect(pbx.dsn())
         return conn
 
     writer = CallWriter(
-        connect_writer(dsn, settings.database.statement_timeout_seconds),
+        connect_writer(pbx.dsn, settings.database.statement_timeout_seconds),
         batch_size=settings.database.batch_size,
         flush_interval=settings.database.flush_interval_seconds,
         queue_limit=settings.database.queue_limit,
@@ -470,6 +488,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     async def after_login(client: AmiClient) -> None:
         """After every login: publish the routing state, tell the tracker which channels exist
         (events may have been missed while disconnected), and read the trunk's qualify state."""
+        pbx.learn(await read_system_name(client))  # first: the name every row carries, and whose CEL is whose
         if publisher is not None and leadership.leading:  # first: callers ringing in now are routed by it
             await publisher.publish(announce=True)
         since = event_clock.now()
@@ -478,7 +497,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         queue.put_nowait(snapshot)
         synced_session[0] = client.sessions  # the tracker knows what the gap hid: ticks may resume
         log.info("channels_snapshot", channels=len(snapshot.uniqueids))
-        reconciler.after_login(snapshot.uniqueids, snapshot.at or datetime.now(UTC))  # ends the gap hid
+        reconciler.after_login(snapshot.uniqueids, snapshot.at or datetime.now(UTC), pbx.system_name or "")
         for linkedid in live.state.calls:  # in progress across the gap: AMI may have missed some of their events
             reconciler.rebuild(linkedid)
         await check_dialplan_key(client, settings, security)
@@ -553,7 +572,8 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
     outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security, reconciler.rebuild, leadership,
                       standby_records, desk,
                       publisher.note_answered, phones)
-    api_database = ApiDatabase(dsn)  # the API's own small pool: requests never starve the writer
+    # The API's own small pool (requests never starve the writer), its sessions for this PBX too.
+    api_database = ApiDatabase(settings.database.dsn.get_secret_value(), pbx=pbx.require)
     api = create_app(ApiContext(
         metrics=metrics, live=live, database=api_database,
         health=health_checks(settings, ami, writer, publisher, api_database, trunk, reports, security,
@@ -603,10 +623,5 @@ async def run_daemon(settings: Settings, stop: asyncio.Event | None = None) -> N
         ], on_lead=(lambda: take_over(standby_records, connect, writer, publisher, ami))
            if isinstance(leadership, Leadership) else None),
     ]
-    try:
-        await run_services(services, stop, on_stopping=lambda: log.info("pbx_bridge_stopping"))
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await pbx_lock.release()
+    await run_services(services, stop, on_stopping=lambda: log.info("pbx_bridge_stopping"))
     log.info("pbx_bridge_stopped", written=writer.written)

@@ -112,7 +112,7 @@ _UPDATE_SHEET = """UPDATE call_notes SET caller_name = $2, contact = $3, categor
                    WHERE linkedid = $1
                    RETURNING linkedid, caller_name, contact, category, summary, resolution, owner, status, version,
                              created_at, created_by, updated_at, updated_by, completed_at"""
-# Complaints (投诉) not done (已完成) by their deadline, each recorded once (the unique index).
+# This PBX's complaints (投诉) not done (已完成) by their deadline, each recorded once (the unique index).
 _RECORD_OVERDUE = """
     INSERT INTO policy_violations (kind, linkedid, occurred_at, details)
     SELECT 'complaint_overdue', n.linkedid, d.deadline,
@@ -121,7 +121,7 @@ _RECORD_OVERDUE = """
     FROM call_notes n
     JOIN calls c ON c.linkedid = n.linkedid
     CROSS JOIN LATERAL (SELECT coalesce(c.ended_at, c.started_at) + $1::float8 * interval '1 minute' AS deadline) d
-    WHERE n.category = '投诉' AND NOT c.is_probe
+    WHERE c.pbx = session_pbx() AND n.category = '投诉' AND NOT c.is_probe
       AND ((n.completed_at IS NULL AND d.deadline <= $2) OR n.completed_at > d.deadline)
     ON CONFLICT DO NOTHING
     RETURNING linkedid, occurred_at, details"""
@@ -147,7 +147,7 @@ async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet, 
     async with conn.transaction():
         # Lock the call so concurrent writers of one sheet take turns.
         call = await conn.fetchrow("SELECT is_probe, answered_by, answered_stage, duty_holder FROM calls "
-                                   "WHERE linkedid = $1 FOR NO KEY UPDATE", linkedid)
+                                   "WHERE linkedid = $1 AND pbx = session_pbx() FOR NO KEY UPDATE", linkedid)
         if call is None:
             raise UnknownCallError(linkedid)
         if call["is_probe"]:
@@ -183,7 +183,7 @@ async def save_sheet(conn: asyncpg.Connection, linkedid: str, sheet: CallSheet, 
 
 async def read_sheet(conn: asyncpg.Connection, linkedid: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The current sheet of a call (None if not yet filled) and its history, oldest change first."""
-    if await conn.fetchval("SELECT 1 FROM calls WHERE linkedid = $1", linkedid) is None:
+    if await conn.fetchval("SELECT 1 FROM calls WHERE linkedid = $1 AND pbx = session_pbx()", linkedid) is None:
         raise UnknownCallError(linkedid)
     current = await conn.fetchrow(_SELECT_SHEET, linkedid)
     history = await conn.fetch(

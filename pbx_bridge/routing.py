@@ -123,11 +123,12 @@ def fairest(available: Sequence[str], answered: dict[str, tuple[int, datetime]])
 
 async def answered_today(conn: asyncpg.Connection, agents: Sequence[str], day: date,
                          zone: tzinfo) -> dict[str, tuple[int, datetime]]:
-    """Calls each agent answered on local `day` (customer calls), and when the last one ended."""
+    """Calls each agent answered on local `day` (customer calls of this PBX), and when the last one ended."""
     start = datetime.combine(day, datetime.min.time(), zone).astimezone(UTC)
     rows = await conn.fetch(
-        "SELECT answered_by, count(*) AS calls, max(ended_at) AS last FROM calls WHERE answered_by = ANY($1::text[]) "
-        "AND started_at >= $2 AND started_at < $3 AND NOT is_probe AND ended_at IS NOT NULL GROUP BY answered_by",
+        "SELECT answered_by, count(*) AS calls, max(ended_at) AS last FROM calls WHERE pbx = session_pbx() "
+        "AND answered_by = ANY($1::text[]) AND started_at >= $2 AND started_at < $3 AND NOT is_probe "
+        "AND ended_at IS NOT NULL GROUP BY answered_by",
         list(agents), start, start + timedelta(days=1))
     return {row["answered_by"]: (int(row["calls"]), row["last"]) for row in rows}
 

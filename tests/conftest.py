@@ -31,6 +31,9 @@ def scratch_database(devenv: DevEnv, label: str = "it",
     async def create() -> None:
         conn = await asyncpg.connect(admin)
         await conn.execute(f'CREATE DATABASE "{name}"')
+        # The database of a single PBX named "pbx" (the sandbox's systemname): what its sessions
+        # write for unless they say otherwise (the daemon's always do, see pbx_bridge/pbx.py).
+        await conn.execute(f'ALTER DATABASE "{name}" SET pbx_bridge.pbx = \'pbx\'')
         await conn.close()
         conn = await asyncpg.connect(dsn)
         try:

@@ -29,6 +29,7 @@ from pbx_bridge.aio import wait_set, within
 from pbx_bridge.cel.builder import CelCall, CelRow, build_call
 from pbx_bridge.config import Settings
 from pbx_bridge.metrics import Metrics
+from pbx_bridge.pbx import cel_scope
 from pbx_bridge.tracker.model import CallLeg, CallRecord, Disposition, Violation
 from pbx_bridge.tracker.tracker import TrackerSettings
 
@@ -42,15 +43,17 @@ LEG_TYPES = {"uniqueid": "text", "channel": "text", "endpoint": "text", "dial_st
              "transfer_kind": "text", "transferred_by": "text", "talk_seconds": "numeric",
              "transferred_at": "timestamptz"}
 
-# The hotline calls that started in [$1, $2): the inbound trunk channel's CHAN_START at a hotline
-# DID, or the dialplan's HotlineRefused; with their end (LINKEDID_END) and what `calls` holds.
-FIND_CALLS = """
+# The hotline calls of this PBX (its systemname: $4) that started in [$1, $2): the inbound trunk
+# channel's CHAN_START at a hotline DID, or the dialplan's HotlineRefused; with their end
+# (LINKEDID_END) and what `calls` holds.
+FIND_CALLS = f"""
 WITH starts AS (
     SELECT linkedid, min(eventtime) AS started
       FROM cel
      WHERE eventtime >= $1 AND eventtime < $2 AND uniqueid = linkedid
        AND ((eventtype = 'CHAN_START' AND exten = ANY($3::text[]))
             OR (eventtype = 'USER_DEFINED' AND userdeftype = 'HotlineRefused'))
+       AND {cel_scope("linkedid", "$4::text")}
      GROUP BY linkedid
 )
 SELECT s.linkedid, s.started,
@@ -58,7 +61,7 @@ SELECT s.linkedid, s.started,
        c.source, c.ended_at IS NOT NULL AS final, c.linkedid IS NOT NULL AS recorded
   FROM starts s LEFT JOIN calls c ON c.linkedid = s.linkedid
  ORDER BY s.started, s.linkedid
-"""
+"""  # noqa: S608
 # The rows of these calls (column `call`), and of the colleagues their attended transfers handed
 # the caller to: those channels' rows before the transfer are under the consultation's linkedid.
 CEL_ROWS = r"""
@@ -103,7 +106,7 @@ WITH call AS (
     SELECT v.kind, $1, v.occurred_at, v.details::jsonb
       FROM unnest(${v}::text[], ${v + 1}::timestamptz[], ${v + 2}::text[]) AS v(kind, occurred_at, details)
      WHERE EXISTS (SELECT 1 FROM call)
-    ON CONFLICT (kind, (coalesce(linkedid, '')), (coalesce(details ->> 'channel', ''))) DO NOTHING
+    ON CONFLICT (pbx, kind, (coalesce(linkedid, '')), (coalesce(details ->> 'channel', ''))) DO NOTHING
     RETURNING kind
 )
 SELECT (SELECT inserted FROM call) AS inserted, ARRAY(SELECT kind FROM violations) AS new_violations
@@ -202,9 +205,9 @@ def _write_args(call: CelCall, forced: bool) -> list[Any]:
 
 
 async def find_candidates(conn: asyncpg.Connection, since: datetime, until: datetime,
-                          numbers: Sequence[str]) -> list[Candidate]:
-    """The hotline calls whose inbound channel started in [since, until)."""
-    rows = await conn.fetch(FIND_CALLS, _cel_time(since), _cel_time(until), list(numbers))
+                          numbers: Sequence[str], system_name: str) -> list[Candidate]:
+    """The hotline calls of the PBX with this systemname whose inbound channel started in [since, until)."""
+    rows = await conn.fetch(FIND_CALLS, _cel_time(since), _cel_time(until), list(numbers), system_name)
     return [Candidate(r["linkedid"], r["started"].replace(tzinfo=UTC),
                       r["ended"].replace(tzinfo=UTC) if r["ended"] is not None else None,
                       r["source"], bool(r["final"]), bool(r["recorded"])) for r in rows]
@@ -216,14 +219,17 @@ def _cel_time(when: datetime) -> datetime:
 
 
 async def reconcile(conn: asyncpg.Connection, settings: TrackerSettings, since: datetime, until: datetime, *,
-                    dry_run: bool = False, live: LiveChannels | None = None, settled_before: datetime | None = None,
+                    system_name: str, dry_run: bool = False, live: LiveChannels | None = None,
+                    settled_before: datetime | None = None,
                     forced: frozenset[str] = frozenset(), only_open: bool = False) -> list[Outcome]:
     """Rebuild, from CEL, the hotline calls that started in [since, until) and lack a final record.
 
-    Returns what happened to each (with `only_open`, calls with a final record are not even
-    looked at: the daemon's sweep). With `dry_run` nothing is written.
+    Only the CEL rows of the PBX with this `system_name` (Asterisk's; '' when it has none) are
+    read: several PBXs may write CEL into one database. Returns what happened to each (with
+    `only_open`, calls with a final record are not even looked at: the daemon's sweep). With
+    `dry_run` nothing is written.
     """
-    candidates = await find_candidates(conn, since, until, sorted(settings.hotline_numbers))
+    candidates = await find_candidates(conn, since, until, sorted(settings.hotline_numbers), system_name)
     if only_open:
         candidates = [c for c in candidates if not c.final or c.linkedid in forced]
     outcomes: list[Outcome] = []
@@ -268,8 +274,10 @@ class Reconciler:
 
     def __init__(self, connect: Connect, settings: TrackerSettings, *, interval: float, lookback: timedelta,
                  settle: timedelta, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_violation: Callable[[Violation], None] | None = None, metrics: Metrics | None = None) -> None:
+                 on_violation: Callable[[Violation], None] | None = None, metrics: Metrics | None = None,
+                 system_name: str | None = None) -> None:
         self._connect = connect
+        self.system_name = system_name  # Asterisk's: which CEL rows are this PBX's; None: not known yet
         self._metrics = metrics
         self._settings = settings
         self._interval = interval
@@ -286,8 +294,10 @@ class Reconciler:
         self.last_error: str | None = None
         self.last_pass_at: float | None = None  # time.monotonic() of the last pass that completed
 
-    def after_login(self, uniqueids: frozenset[str], at: datetime) -> None:
-        """Asterisk's channels after a login (an AMI gap or a restart may have hidden ends): reconcile now."""
+    def after_login(self, uniqueids: frozenset[str], at: datetime, system_name: str) -> None:
+        """Asterisk's channels and systemname after a login (an AMI gap or a restart may have
+        hidden ends): reconcile now."""
+        self.system_name = system_name
         self._live = LiveChannels(uniqueids, at)
         self._wake.set()
 
@@ -312,7 +322,10 @@ class Reconciler:
             await wait_set(self._wake, min(self._interval, soon))
 
     async def sweep(self) -> list[Outcome]:
-        """One pass over the lookback; failures are logged and retried at the next pass."""
+        """One pass over the lookback; failures are logged and retried at the next pass. None
+        before the first AMI login told Asterisk's systemname (which CEL rows are this PBX's)."""
+        if self.system_name is None:
+            return []
         now = self._clock()
         horizon = now - self._lookback
         self._forced = {k: at for k, at in self._forced.items() if at > horizon}
@@ -320,7 +333,8 @@ class Reconciler:
             conn = await within(self._connect(), 10)
             try:
                 outcomes = await within(reconcile(
-                    conn, self._settings, horizon, now, live=self._live, settled_before=now - self._settle,
+                    conn, self._settings, horizon, now, system_name=self.system_name, live=self._live,
+                    settled_before=now - self._settle,
                     forced=frozenset(self._forced), only_open=True), 120)
             finally:
                 await conn.close()

@@ -30,6 +30,7 @@ class DailyReport:
     callbacks: tuple[Row, ...]  # every v_callbacks_due row (current), oldest first
     generated_at: datetime  # aware
     timezone: str = "Asia/Shanghai"  # the views' local time zone (bridge_settings)
+    pbx: str = ""  # the PBX the figures are of (several may share the database)
     # For the charts (each left out when its data is empty): the day's calls per local hour
     # (v_hourly_load), the ring seconds of its calls that rang at the agents' phones (v_call_log),
     # the 7 days up to it (v_daily_kpi rows, oldest first), and the ring limit to mark (seconds).
@@ -191,4 +192,6 @@ def sections(report: DailyReport) -> list[Section]:
 
 
 def subject(report: DailyReport) -> str:
-    return f"{TITLE_ZH} {report.day.isoformat()} / {TITLE_EN}"
+    """The mail's subject: title, day and, when known, the PBX (each PBX mails its own report)."""
+    site = f" [{report.pbx}]" if report.pbx else ""
+    return f"{TITLE_ZH} {report.day.isoformat()}{site} / {TITLE_EN}"

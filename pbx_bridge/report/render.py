@@ -76,7 +76,8 @@ def render_text(report: DailyReport) -> str:
     parts = sections(report)
     generated = report.generated_at.astimezone(zone)
     lines = [f"{TITLE_ZH} {TITLE_EN}  {report.day.isoformat()}",
-             f"时区 time zone {report.timezone} · 生成时间 generated at {generated:%Y-%m-%d %H:%M:%S}"]
+             (f"站点 PBX {report.pbx} · " if report.pbx else "") + f"时区 time zone {report.timezone} · "
+             f"生成时间 generated at {generated:%Y-%m-%d %H:%M:%S}"]
     for section in parts:
         if section.meta:
             continue
@@ -205,7 +206,8 @@ def render_html(report: DailyReport, charts: Sequence[Chart] | None = None, *, c
         'color:#222;margin:16px">\n',
         f'<h1 style="font-size:20px;margin:0 0 4px 0">{_e(TITLE_ZH)} <span style="{_EN};font-size:14px">'
         f"{_e(TITLE_EN)}</span> {_e(report.day.isoformat())}</h1>\n",
-        f'<p style="color:#555;font-size:12px;margin:0 0 12px 0">时区 time zone {_e(report.timezone)} · '
+        '<p style="color:#555;font-size:12px;margin:0 0 12px 0">'
+        + (f"站点 PBX {_e(report.pbx)} · " if report.pbx else "") + f'时区 time zone {_e(report.timezone)} · '
         f"生成时间 generated at {_e(f'{generated:%Y-%m-%d %H:%M:%S}')}</p>\n",
     ]
     parts.append(_charts_html(charts, cid))

@@ -92,7 +92,8 @@ class DailyReportScheduler:
         try:
             conn = await self._connect()
             try:
-                if await conn.fetchval("SELECT EXISTS (SELECT FROM report_deliveries WHERE day = $1)", day):
+                if await conn.fetchval(
+                        "SELECT EXISTS (SELECT FROM report_deliveries WHERE pbx = session_pbx() AND day = $1)", day):
                     self._last_sent_day = day
                     return None
                 report = await build_report(conn, day, generated_at=now, ring_limit_seconds=self._ring_limit)
@@ -121,7 +122,7 @@ class DailyReportScheduler:
             try:
                 await conn.execute(
                     "INSERT INTO report_deliveries (day, sent_at, recipients) VALUES ($1, $2, $3) "
-                    "ON CONFLICT (day) DO NOTHING", day, sent_at, recipients)
+                    "ON CONFLICT (pbx, day) DO NOTHING", day, sent_at, recipients)
             finally:
                 await conn.close()
         except RETRIED as exc:

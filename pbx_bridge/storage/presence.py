@@ -77,7 +77,7 @@ class PresenceOrderError(PresenceError):
 _CURRENT = """
     SELECT DISTINCT ON (agent) agent, signed_out_at, signed_in_at, reason, set_by, signed_in_set_by
     FROM agent_presence
-    WHERE agent = ANY($1::text[])
+    WHERE pbx = session_pbx() AND agent = ANY($1::text[])
     ORDER BY agent, (signed_in_at IS NULL) DESC, signed_out_at DESC, id DESC"""
 
 
@@ -161,7 +161,7 @@ async def sign_in(conn: asyncpg.Connection, agent: str, at: datetime, *, agents:
             raise PresenceOrderError(agent, at, presence.signed_out_at)
         await conn.execute(
             "UPDATE agent_presence SET signed_in_at = $2, signed_in_set_by = $3, signed_in_by = $4 "
-            "WHERE agent = $1 AND signed_in_at IS NULL", agent, at, set_by, actor)
+            "WHERE pbx = session_pbx() AND agent = $1 AND signed_in_at IS NULL", agent, at, set_by, actor)
     return Presence(agent, None, "", set_by)
 
 
@@ -169,7 +169,8 @@ async def periods_since(conn: asyncpg.Connection, agents: Sequence[str],
                         since: datetime) -> dict[str, list[tuple[datetime, datetime | None]]]:
     """Each agent's sign-out periods that were open at or after `since`: (out, back in or None)."""
     rows = await conn.fetch(
-        "SELECT agent, signed_out_at, signed_in_at FROM agent_presence WHERE agent = ANY($1::text[]) "
+        "SELECT agent, signed_out_at, signed_in_at FROM agent_presence WHERE pbx = session_pbx() "
+        "AND agent = ANY($1::text[]) "
         "AND (signed_in_at IS NULL OR signed_in_at > $2) ORDER BY agent, signed_out_at", list(agents), since)
     periods: dict[str, list[tuple[datetime, datetime | None]]] = {agent: [] for agent in agents}
     for row in rows:

@@ -1,4 +1,4 @@
-"""The configuration values the SQL views read (`bridge_settings`, `open_hours`), kept equal to the TOML file."""
+"""The values the SQL views read (`bridge_settings`, shared; `open_hours`, per PBX), kept equal to the TOML file."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ SELECT $1::date,
        coalesce((SELECT range_agg(tstzrange(s, e)) FROM unnest($2::timestamptz[], $3::timestamptz[]) AS u(s, e)),
                 '{}'::tstzmultirange),
        $4
-ON CONFLICT (day) DO UPDATE SET open = EXCLUDED.open, reason = EXCLUDED.reason, published_at = now()
+ON CONFLICT (pbx, day) DO UPDATE SET open = EXCLUDED.open, reason = EXCLUDED.reason, published_at = now()
  WHERE $5 AND (open_hours.open, open_hours.reason) IS DISTINCT FROM (EXCLUDED.open, EXCLUDED.reason)"""
 
 

@@ -79,7 +79,7 @@ def _leg_row(leg: CallLeg) -> tuple[Any, ...]:
 
 INSERT_VIOLATION = (
     "INSERT INTO policy_violations (kind, linkedid, occurred_at, details) VALUES ($1, $2, $3, $4::jsonb) "
-    "ON CONFLICT (kind, (coalesce(linkedid, '')), (coalesce(details ->> 'channel', ''))) DO NOTHING")
+    "ON CONFLICT (pbx, kind, (coalesce(linkedid, '')), (coalesce(details ->> 'channel', ''))) DO NOTHING")
 
 
 def linkedid_of(item: RecordWrite) -> str | None:
@@ -244,14 +244,16 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 Alert = Callable[[dict[str, Any]], None]
 
 
-def connect_writer(dsn: str, statement_timeout: float = 5.0, connect_timeout: float = 5.0) -> Connect:
+def connect_writer(dsn: str | Callable[[], str], statement_timeout: float = 5.0,
+                   connect_timeout: float = 5.0) -> Connect:
     """Connections for the writer: bounded connect, a client-side timeout on every command and a
-    server-side statement_timeout (and idle-in-transaction timeout), named pbx-bridge-writer."""
+    server-side statement_timeout (and idle-in-transaction timeout), named pbx-bridge-writer.
+    `dsn` may be a function, asked at every connect (the PBX's name may come later)."""
     millis = str(int(statement_timeout * 1000))
 
     async def connect() -> asyncpg.Connection:
         conn: asyncpg.Connection = await asyncpg.connect(
-            dsn, timeout=connect_timeout, command_timeout=statement_timeout + 1,
+            dsn() if callable(dsn) else dsn, timeout=connect_timeout, command_timeout=statement_timeout + 1,
             server_settings={"application_name": "pbx-bridge-writer", "statement_timeout": millis,
                              "idle_in_transaction_session_timeout": str(int(statement_timeout * 2000))})
         return conn

@@ -31,8 +31,8 @@ def _local(value: datetime | date | None) -> str | None:
 
 
 async def read_figures(conn: asyncpg.Connection) -> dict[str, Any]:
-    """Today's KPIs (v_daily_kpi), callbacks due (v_callbacks_due), the line (v_line_health) and
-    today's violations (v_violations), "today" in the views' time zone. Callers' numbers are masked."""
+    """This PBX's today: KPIs (v_daily_kpi), callbacks due (v_callbacks_due), the line (v_line_health)
+    and violations (v_violations), "today" in the views' time zone. Callers' numbers are masked."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         today: date = await conn.fetchval(  # as bridge_zone says (which the daemon's role may not read)
             "SELECT (now() AT TIME ZONE coalesce((SELECT timezone FROM bridge_settings LIMIT 1), "
@@ -40,17 +40,17 @@ async def read_figures(conn: asyncpg.Connection) -> dict[str, Any]:
         kpi = await conn.fetchrow(
             """SELECT calls, answered, answer_rate_pct, within_ring_limit_pct, avg_wait_seconds, avg_talk_seconds,
                       sheet_rate_pct
-               FROM v_daily_kpi WHERE day = $1""", today)
+               FROM v_daily_kpi WHERE pbx = session_pbx() AND day = $1""", today)
         callbacks = await conn.fetchrow("SELECT count(*) AS due, max(waiting_minutes) AS oldest_minutes "
-                                        "FROM v_callbacks_due")
+                                        "FROM v_callbacks_due WHERE pbx = session_pbx()")
         line = await conn.fetchrow(
             "SELECT state, state_label, last_probe_at, last_probe_trigger, last_probe_outcome, last_ok_probe_at "
-            "FROM v_line_health")
+            "FROM v_line_health WHERE pbx = session_pbx()")
         kinds = await conn.fetch(
-            "SELECT kind, min(violation) AS label, count(*) AS n FROM v_violations WHERE day = $1 "
-            "GROUP BY kind ORDER BY n DESC, kind", today)
+            "SELECT kind, min(violation) AS label, count(*) AS n FROM v_violations "
+            "WHERE pbx = session_pbx() AND day = $1 GROUP BY kind ORDER BY n DESC, kind", today)
         latest = await conn.fetch(
-            "SELECT occurred, kind, violation, caller_number FROM v_violations WHERE day = $1 "
+            "SELECT occurred, kind, violation, caller_number FROM v_violations WHERE pbx = session_pbx() AND day = $1 "
             "ORDER BY occurred DESC, id DESC LIMIT $2", today, LATEST_VIOLATIONS)
     kpi_fields = ("calls", "answered", "answer_rate_pct", "within_ring_limit_pct", "avg_wait_seconds",
                   "avg_talk_seconds", "sheet_rate_pct")

@@ -1,4 +1,5 @@
-"""The PBX container of docker/asterisk/compose.yaml takes a real call from the sandbox's world; its record."""
+"""The PBX container of docker/asterisk/compose.yaml takes a real call from the sandbox's world; its record,
+beside the sandbox's PBX in the same database (two real PBXs, two pbx-bridges, one database)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.conftest import scratch_database
 from tests.support.calls import fetch, one_call
 from tests.support.daemon import BridgeProcess
 from tests.support.env import REPO, DevEnv
@@ -158,12 +157,6 @@ listen = "127.0.0.1:{API_PORT}"
     return config
 
 
-@pytest.fixture(scope="module")
-def container_dsn(devenv: DevEnv) -> Iterator[str]:
-    with scratch_database(devenv, "container") as dsn:
-        yield dsn
-
-
 async def place_call(env: DevEnv, number: str) -> None:
     """An outside caller dials the first hotline number into the container, from world's carrier."""
     async with connect_world(env) as world:
@@ -175,19 +168,43 @@ async def place_call(env: DevEnv, number: str) -> None:
             "Timeout": "30000"})
 
 
+async def call_sandbox(env: DevEnv, number: str) -> None:
+    """An outside caller dials the first hotline number into the sandbox's PBX."""
+    async with connect_world(env) as world:
+        await world.set_phone(number, "agent101", answer(1, 2))
+        await world.set_phone(number, "agent102", IGNORE)
+        await world.call(env.hotline_numbers[0], number, "沙箱来电")
+
+
 async def forget_call(env: DevEnv, number: str) -> None:
     async with connect_world(env) as world:
         await world.action({"Action": "DBDelTree", "Family": f"phone/{number}"})
 
 
-def test_container_pbx_takes_a_call_and_pbx_bridge_records_it(devenv: DevEnv, container_dsn: str,
-                                                               tmp_path: Path) -> None:
+def reconcile_dry_run(config: Path, minutes: int = 10) -> str:
+    """What `pbx-bridge reconcile --dry-run` of the last minutes lists (the calls of its PBX in CEL)."""
+    return subprocess.run(
+        [str(REPO / ".venv" / "bin" / "pbx-bridge"), "reconcile", "--config", str(config), "--dry-run",
+         "--since", f"{minutes}m"], check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+async def kpi_calls(dsn: str, day: object) -> dict[str, int]:
+    """Today's calls per PBX (v_daily_kpi), and across all of them (v_daily_kpi_all, key '*')."""
+    per_pbx = await fetch(dsn, "SELECT pbx, calls FROM v_daily_kpi WHERE day = $1", day)
+    [total] = await fetch(dsn, "SELECT calls FROM v_daily_kpi_all WHERE day = $1", day)
+    return {**{r["pbx"]: int(r["calls"]) for r in per_pbx}, "*": int(total["calls"])}
+
+
+def test_two_pbxs_write_into_one_database_the_container_and_the_sandbox(devenv: DevEnv, tmp_path: Path) -> None:
+    """The PBX container and the sandbox's PBX, each with its pbx-bridge, into the one database:
+    each call's row names its PBX, the views count each PBX apart and all together, and each
+    pbx-bridge's reconcile reads only its own PBX's CEL rows (both Asterisks write into `cel`)."""
     script = container_script()
-    database = container_dsn.rsplit("/", 1)[1]
+    database = devenv.dsn.rsplit("/", 1)[1]
     ami_secret, phone_secret = secrets.token_hex(16), secrets.token_hex(16)
     site = tmp_path / "site"
     render_site(site, devenv, database, ami_secret, phone_secret)
-    config = bridge_config(tmp_path, devenv, container_dsn.replace("postgres@", "pbx_bridge_app@"), ami_secret)
+    config = bridge_config(tmp_path, devenv, devenv.dsn.replace("postgres@", "pbx_bridge_app@"), ami_secret)
     subprocess.run([str(REPO / ".venv" / "bin" / "pbx-bridge"), "dialplan", "--config", str(config),
                     "--output", str(site / "extensions_generated.conf")], check=True, capture_output=True)
     (site / "extensions_generated.conf").chmod(0o644)
@@ -198,23 +215,64 @@ def test_container_pbx_takes_a_call_and_pbx_bridge_records_it(devenv: DevEnv, co
         print(f"container up in {time.monotonic() - started:.1f} s")
         version = script.cli("core show version", PROJECT).stdout
         assert "Asterisk 22." in version
-        bridge = BridgeProcess(config, business_time=OPEN_HOURS)
-        bridge.start()
-        number = new_caller_number()
+        # The container's Asterisk has no systemname (Debian's asterisk.conf): bare linkedids, and
+        # its rows are named by [pbx] name. The sandbox's has systemname "pbx", its default name.
+        container = BridgeProcess(config, business_time=OPEN_HOURS)
+        sandbox = BridgeProcess(devenv.config_path, business_time=OPEN_HOURS)
+        container.start()
+        sandbox.start()
+        [named] = sandbox.events("pbx_named")
+        assert (named["pbx"], named["system_name"]) == ("pbx", "pbx")
+        day = asyncio.run(fetch(devenv.dsn, "SELECT (now() AT TIME ZONE 'Asia/Shanghai')::date AS d"))[0]["d"]
+        before = asyncio.run(kpi_calls(devenv.dsn, day))
+        into_container, into_sandbox = new_caller_number(), new_caller_number()
         try:
-            asyncio.run(place_call(devenv, number))
-            row = asyncio.run(one_call(container_dsn, number, timeout=30))
+            asyncio.run(place_call(devenv, into_container))
+            asyncio.run(call_sandbox(devenv, into_sandbox))
+            row = asyncio.run(one_call(devenv.dsn, into_container, timeout=30))
+            other = asyncio.run(one_call(devenv.dsn, into_sandbox, timeout=30))
+            cel_settled = time.monotonic() + 5  # CEL's LINKEDID_END follows the record closely
+            dry_runs = {}
+            while True:
+                dry_runs = {"container-test": reconcile_dry_run(config), "pbx": reconcile_dry_run(devenv.config_path)}
+                if (row["linkedid"] in dry_runs["container-test"] and other["linkedid"] in dry_runs["pbx"]) \
+                        or time.monotonic() > cel_settled:
+                    break
+                time.sleep(0.5)
+            after = asyncio.run(kpi_calls(devenv.dsn, day))
         finally:
-            assert bridge.stop() == 0
-            asyncio.run(forget_call(devenv, number))
+            assert container.stop() == 0
+            assert sandbox.stop() == 0
+            asyncio.run(forget_call(devenv, into_container))
+            asyncio.run(forget_call(devenv, into_sandbox))
         print("call record:", {k: str(v) for k, v in dict(row).items() if v is not None})
         assert row["disposition"] == "answered"
         assert row["did"] == devenv.hotline_numbers[0]
         assert row["answered_by"] == "agent101"
         assert row["caller_name"] == "容器来电"
         assert float(row["talk_seconds"]) == pytest.approx(2, abs=0.5)
-        # Asterisk's own trail of the same call, written by the container's cel_pgsql.
-        cel = asyncio.run(fetch(container_dsn, "SELECT eventtype FROM cel WHERE linkedid = $1", row["linkedid"]))
-        assert "LINKEDID_END" in {r["eventtype"] for r in cel}
+        # Each row names its PBX; the linkedids cannot collide (a systemname prefix, or none).
+        assert (row["pbx"], other["pbx"]) == ("container-test", "pbx")
+        assert "-" not in row["linkedid"] and other["linkedid"].startswith("pbx-")
+        legs = asyncio.run(fetch(devenv.dsn, "SELECT DISTINCT pbx FROM call_legs WHERE linkedid = ANY($1::text[])",
+                                 [row["linkedid"], other["linkedid"]]))
+        assert {r["pbx"] for r in legs} == {"container-test", "pbx"}
+        log_rows = asyncio.run(fetch(devenv.dsn, "SELECT linkedid, pbx FROM v_call_log "
+                                     "WHERE linkedid = ANY($1::text[])", [row["linkedid"], other["linkedid"]]))
+        assert {r["linkedid"]: r["pbx"] for r in log_rows} == {row["linkedid"]: "container-test",
+                                                               other["linkedid"]: "pbx"}
+        # Per PBX and across all: one more call each, two more in all.
+        assert after.get("container-test", 0) - before.get("container-test", 0) == 1
+        assert after.get("pbx", 0) - before.get("pbx", 0) == 1
+        assert after["*"] - before.get("*", 0) == 2
+        assert after["*"] == sum(n for pbx, n in after.items() if pbx != "*")
+        # Both Asterisks wrote CEL into the one `cel` table; each pbx-bridge reads only its own.
+        cel = asyncio.run(fetch(devenv.dsn, "SELECT DISTINCT linkedid FROM cel WHERE linkedid = ANY($1::text[]) "
+                                "AND eventtype = 'LINKEDID_END'", [row["linkedid"], other["linkedid"]]))
+        assert len(cel) == 2
+        print("reconcile --dry-run of each PBX:", dry_runs)
+        assert row["linkedid"] in dry_runs["container-test"] and other["linkedid"] not in dry_runs["container-test"]
+        assert other["linkedid"] in dry_runs["pbx"] and row["linkedid"] not in dry_runs["pbx"]
+        assert "of the PBX container-test" in dry_runs["container-test"] and "of the PBX pbx " in dry_runs["pbx"]
     finally:
         script.down(PROJECT)

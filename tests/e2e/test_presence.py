@@ -109,7 +109,7 @@ async def test_the_days_opening_hours_are_recorded_for_signed_in_time(bridge: Br
     day = datetime.fromisoformat(OPEN_HOURS).date()
     expected = settings.hours.schedule(settings.zone).day(day)
     await asyncio.to_thread(bridge.wait_for, "routing_state_published", 5)
-    rows = await fetch(devenv.dsn, "SELECT open, reason FROM open_hours WHERE day = $1", day)
+    rows = await fetch(devenv.dsn, "SELECT open, reason FROM open_hours WHERE day = $1 AND pbx = $2", day, bridge.pbx)
     assert [([(r.lower, r.upper) for r in row["open"]], row["reason"]) for row in rows] == [
         (open_periods(expected, settings.hours.schedule(settings.zone)), expected.reason)]
     assert expected.intervals  # a working day in the sandbox's hours

@@ -167,7 +167,8 @@ async def test_the_daemon_mails_yesterdays_report_once_in_the_morning(devenv: De
     assert day in str(messages[0]["Subject"]) and "400热线日报" in str(messages[0]["Subject"])
     attachments = [part.get_filename() for part in messages[0].iter_attachments()]
     assert attachments == [f"hotline-report-{day}.csv"]
-    delivered = await fetch(devenv.dsn, "SELECT recipients FROM report_deliveries WHERE day = $1::text::date", day)
+    delivered = await fetch(devenv.dsn, "SELECT recipients FROM report_deliveries WHERE day = $1::text::date "
+                            "AND pbx = $2", day, process.pbx)
     assert [r["recipients"] for r in delivered] == [["manager@example.com", "ops@example.com"]]
 
 

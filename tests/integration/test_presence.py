@@ -217,6 +217,7 @@ async def test_agent_presence_view_exact_figures(db: asyncpg.Connection) -> None
         return local_midnight + (moment - midnight)
 
     rows = [dict(r) for r in await db.fetch("SELECT * FROM v_agent_presence")]
+    assert {r.pop("pbx") for r in rows} == {"pbx"}  # the scratch database's one PBX
     assert [r["agent"] for r in rows] == ["agent103", "agent101", "agent102", "agent104"]  # those out first
     out = rows[0]
     minutes = out.pop("signed_out_minutes_today")

@@ -215,7 +215,7 @@ def write_config(path: Path, dsn: str, smtp_port: int | None = None, recipients:
     report = (f'[report]\nrecipients = [{", ".join(f"{r!r}" for r in recipients)}]\nformat = "{fmt}"\n'
               if recipients else "")
     path.write_text(f'timezone = "Asia/Shanghai"\n[ami]\nusername = "pbx-bridge"\nsecret = "unused-by-report"\n'
-                    f'[database]\ndsn = "{dsn}"\n[hotline]\nnumbers = ["4008001234"]\n'
+                    f'[database]\ndsn = "{dsn}"\n[pbx]\nname = "pbx"\n[hotline]\nnumbers = ["4008001234"]\n'
                     f'[log]\nformat = "json"\n{smtp}{report}', encoding="utf-8")
     return path
 
@@ -299,7 +299,7 @@ def test_cli_mails_the_report(report_dsn: str, tmp_path: Path, mail: MailServer)
     [envelope] = mail.inbox.envelopes
     assert envelope.mail_from == "hotline@example.com" and envelope.rcpt_tos == RECIPIENTS
     [message] = mail.inbox.messages()
-    assert message["Subject"] == "400热线日报 2031-03-04 / hotline daily report"
+    assert message["Subject"] == "400热线日报 2031-03-04 [pbx] / hotline daily report"  # each PBX mails its own
     assert message["To"] == "boss@example.com, ops@example.com"
     plain = message.get_body(("plain",))
     page = message.get_body(("html",))
@@ -384,7 +384,7 @@ async def test_scheduler_mails_once_per_day_and_not_again_after_a_restart(
     await run_briefly(scheduler, lambda: len(mail.inbox.envelopes) >= 1)
     assert len(mail.inbox.envelopes) == 1 and scheduler.last_sent_day == DAY and scheduler.last_error is None
     [message] = mail.inbox.messages()
-    assert message["Subject"] == "400热线日报 2031-03-04 / hotline daily report"
+    assert message["Subject"] == "400热线日报 2031-03-04 [pbx] / hotline daily report"  # each PBX mails its own
     assert mail.inbox.envelopes[0].rcpt_tos == RECIPIENTS and message.get_body(("html",)) is not None
     [row] = await deliveries(db, DAY)
     assert row["recipients"] == RECIPIENTS
@@ -418,7 +418,7 @@ async def test_scheduler_retries_after_the_mail_server_was_down(report_dsn: str,
         scheduler.stop()
         async with asyncio.timeout(5):
             await task
-    assert message["Subject"] == "400热线日报 2031-03-06 / hotline daily report"
+    assert message["Subject"] == "400热线日报 2031-03-06 [pbx] / hotline daily report"
     assert message.get_body(("html",)) is None
     plain = message.get_body(("plain",))
     assert plain is not None and "来电总数 calls" in plain.get_content()
@@ -432,7 +432,7 @@ async def test_the_seeded_day_as_text(db: asyncpg.Connection) -> None:
     text = render_text(report)
     print(text)  # pytest -s shows it
     lines = text.splitlines()
-    assert lines[1] == "时区 time zone Asia/Shanghai · 生成时间 generated at 2031-03-05 08:10:00"
+    assert lines[1] == "站点 PBX pbx · 时区 time zone Asia/Shanghai · 生成时间 generated at 2031-03-05 08:10:00"
     assert any(line.startswith("  agent102 ") and " 17.0 " in line for line in lines)
 
 

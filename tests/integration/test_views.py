@@ -166,6 +166,7 @@ async def test_daily_kpi_exact_figures_with_the_local_day_and_probes_excluded(db
         "avg_wait_seconds": Decimal("11.0"),  # (7 + 17 + 9) / 3: A B E, the callers a person answered
         "p90_wait_seconds": Decimal("17.0"),  # the smallest observed wait covering 90 % of them
         "mobile_within_ring_limit_pct": Decimal("50.0"),  # E within, F rang its 25 s past the limit
+        "pbx": "pbx",  # the scratch database's one PBX
     }
     day2 = await kpi(db, "2030-06-11")
     assert (day2["calls"], day2["answered"], day2["missed"], day2["after_hours_calls"],

@@ -53,7 +53,7 @@ class Cluster:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/pbx_bridge_faults"
+        return f"postgresql://postgres@127.0.0.1:{self.port}/pbx_bridge_faults?pbx_bridge.pbx=pbx"  # one PBX
 
     def start(self) -> None:
         subprocess.run([PG_SH, "start", str(self.directory), str(self.port)], check=True, capture_output=True)

@@ -43,6 +43,13 @@ class BridgeProcess:
         self.wait_for(ready, timeout)
 
     @property
+    def pbx(self) -> str:
+        """The PBX name on the rows this daemon writes (from its log's `pbx_named`)."""
+        named = self.events("pbx_named")
+        assert named, "the daemon has not named its PBX yet"
+        return str(named[-1]["pbx"])
+
+    @property
     def running(self) -> bool:
         """Whether the process was started and has not exited."""
         return self._process is not None and self._process.poll() is None
