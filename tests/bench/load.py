@@ -62,6 +62,32 @@ class LoadResult:
     peak_rss: int = 0
     events: int = 0
     seconds: float = 0.0
+    polls: int = 0  # this benchmark's own SELECTs on the database (subtracted from the transactions)
+    database: dict[str, float] = field(default_factory=dict)  # counter -> increase over the run
+
+
+# PostgreSQL's own counters (cluster-private: only the sandbox, the daemon and this run use it).
+# WAL and the database's transactions include Asterisk's CEL inserts: the load a PBX puts on it.
+DB_COUNTERS = """
+SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS transactions,
+       (SELECT wal_bytes FROM pg_stat_wal) AS wal_bytes,
+       pg_database_size(current_database()) AS database_bytes,
+       (SELECT sum(n_tup_ins) FROM pg_stat_user_tables WHERE relname = 'cel') AS cel_rows,
+       (SELECT sum(n_tup_ins + n_tup_upd) FROM pg_stat_user_tables
+         WHERE relname IN ('calls', 'call_legs', 'policy_violations')) AS record_writes
+"""
+
+
+async def database_counters(dsn: str) -> dict[str, float]:
+    """The counters of DB_COUNTERS now (after the statistics of finished sessions are flushed)."""
+    await asyncio.sleep(2)  # backends flush their statistics within a second of going idle
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(DB_COUNTERS)
+    finally:
+        await conn.close()
+    assert row is not None
+    return {k: float(v or 0) for k, v in dict(row).items()}
 
 
 def scripts(count: int, first: int = 0) -> list[Scripted]:
@@ -97,6 +123,7 @@ async def check(dsn: str, calls: list[Scripted], timeout: float, result: LoadRes
             rows = await conn.fetch(
                 "SELECT caller_number, answered_by, ring_seconds, disposition, ended_at, updated_at FROM calls "
                 "WHERE caller_number = ANY($1::text[])", numbers)
+            result.polls += 1
             finished = {r["caller_number"] for r in rows if r["ended_at"] is not None}
             if len(finished) == len(numbers) or time.monotonic() > deadline:
                 break
@@ -172,6 +199,7 @@ async def run_load(devenv: DevEnv, pid: int, burst: int, rate: float, seconds: f
     try:
         async with asyncio.timeout(10):
             await client.connected.wait()
+        before = await database_counters(devenv.dsn)
         sampler = Sampler(pid)
         async with connect_world(devenv) as world:
             first = scripts(burst)
@@ -189,6 +217,9 @@ async def run_load(devenv: DevEnv, pid: int, burst: int, rate: float, seconds: f
         result.peak_rss = sampler.peak_rss()
         result.seconds = time.monotonic() - sampler.start
         result.events = counter[0]
+        after = await database_counters(devenv.dsn)
+        result.database = {k: after[k] - before[k] for k in after}
+        result.database["transactions"] -= result.polls + 2  # the counters' own two reads
     finally:
         client.stop()
         await listener
@@ -223,7 +254,26 @@ def table(result: LoadResult, burst: int, rate: float, seconds: float) -> str:
         f"{result.peak_rss / 2**20:.1f} MiB | |",
         f"| AMI events/s sent to the daemon's user | {result.events / max(result.seconds, 1e-9):,.0f} "
         f"({result.events:,} in {result.seconds:.0f} s) | |",
+        "", *database_load(result),
     ])
+
+
+def database_load(result: LoadResult) -> list[str]:
+    """The database's load per 1,000 calls (what sizing a shared database for many PBXs needs)."""
+    per = 1000 / max(result.placed, 1)
+    db = result.database
+    return [
+        f"PostgreSQL's load per 1,000 calls, from its own counters over the run (pg_stat_database, "
+        f"pg_stat_wal, pg_stat_user_tables; the benchmark's {result.polls} polls subtracted). WAL and "
+        "transactions include Asterisk's CEL inserts (cel_pgsql: one transaction per CEL event).", "",
+        "| per 1,000 calls | measured |", "|---|---:|",
+        f"| transactions committed (pbx-bridge and Asterisk's CEL) | {db.get('transactions', 0) * per:,.0f} |",
+        f"| CEL rows inserted by Asterisk | {db.get('cel_rows', 0) * per:,.0f} |",
+        f"| rows written by pbx-bridge (calls, legs, violations; inserts + updates) | "
+        f"{db.get('record_writes', 0) * per:,.0f} |",
+        f"| WAL written | {db.get('wal_bytes', 0) * per / 2**20:,.1f} MiB |",
+        f"| database growth | {db.get('database_bytes', 0) * per / 2**20:,.1f} MiB |",
+    ]
 
 
 def main() -> None:

@@ -22,3 +22,9 @@ async def test_fifty_calls_at_once_are_recorded_once_each_as_scripted(bridge: Br
     # `make load`'s goal is 100 ms at p99; a shared CI machine gets some slack here.
     assert percentile(result.ring_errors, 99) <= 0.25, sorted(result.ring_errors)[-5:]
     assert percentile(result.commit_delays, 99) <= 2.0, sorted(result.commit_delays)[-5:]
+    # The database's load, measured from PostgreSQL's own counters: every call wrote its record
+    # and its legs, Asterisk wrote its CEL rows, and it all went through the WAL.
+    db = result.database
+    print("database load of 50 calls:", {k: round(v) for k, v in db.items()})
+    assert db["record_writes"] >= 2 * BURST and db["cel_rows"] >= 10 * BURST
+    assert db["wal_bytes"] > 0 and db["transactions"] >= BURST
