@@ -49,7 +49,7 @@ from pbx_bridge.notes import (
     read_sheet,
     save_sheet,
 )
-from pbx_bridge.pbx import PbxNotNamedError
+from pbx_bridge.pbx import PbxNotNamedError, pbx_dsn
 from pbx_bridge.probes import ProbeRunner, RateLimitedError
 from pbx_bridge.storage.presence import (
     MAX_REASON,
@@ -134,7 +134,7 @@ class ApiDatabase:
                  command_timeout: float = 10.0, application_name: str = "pbx-bridge-api",
                  pbx: Callable[[], str] | None = None) -> None:
         self._dsn = dsn
-        self._pbx = pbx  # the PBX its sessions are for (pbx_bridge.pbx), asked for each new connection
+        self._pbx = pbx  # the PBX its sessions are for (pbx_bridge.pbx), asked at each new connection
         self.max_size = max_size
         self.acquire_timeout = acquire_timeout
         self.command_timeout = command_timeout
@@ -145,15 +145,17 @@ class ApiDatabase:
         """Create the pool (it connects lazily: the database may be down at start)."""
         if self._pool is not None:
             raise RuntimeError("the API database pool is already open")
-        self._pool = await asyncpg.create_pool(
-            self._dsn, min_size=0, max_size=self.max_size, timeout=self.acquire_timeout,
+        self._pool = await asyncpg.create_pool(  # connections from self._connect
+            min_size=0, max_size=self.max_size, timeout=self.acquire_timeout,
             command_timeout=self.command_timeout, max_inactive_connection_lifetime=60,
-            server_settings={"application_name": self.application_name}, init=self._for_pbx)
+            server_settings={"application_name": self.application_name}, connect=self._connect)
 
-    async def _for_pbx(self, conn: asyncpg.Connection) -> None:
-        """A new connection's session writes for the PBX (an OSError, retried, while it has no name)."""
-        if self._pbx is not None:
-            await conn.execute("SELECT set_config('pbx_bridge.pbx', $1, false)", self._pbx())
+    async def _connect(self, *_: object, **options: Any) -> asyncpg.Connection:
+        """A new pool connection, its session for the PBX (a setting given at connection start: the
+        pool's RESET ALL on every release keeps it; PbxNotNamedError while the PBX has no name)."""
+        dsn = self._dsn if self._pbx is None else pbx_dsn(self._dsn, self._pbx())
+        conn: asyncpg.Connection = await asyncpg.connect(dsn, **options)
+        return conn
 
     async def close(self) -> None:
         """Close the pool, waiting at most 5 s for connections in use, then cutting them."""

@@ -18,9 +18,18 @@ from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 from yarl import URL
 
-from pbx_bridge.api import ApiContext, ApiDatabase, LiveState, create_app, database_component, openapi_document
+from pbx_bridge.api import (
+    ApiContext,
+    ApiDatabase,
+    DatabaseUnavailableError,
+    LiveState,
+    create_app,
+    database_component,
+    openapi_document,
+)
 from pbx_bridge.config import ApiToken, Role
 from pbx_bridge.metrics import Metrics
+from pbx_bridge.pbx import PbxNaming
 from pbx_bridge.tracker import TrackerSettings, TrackerState, apply
 from tests.support.fixtures import fixture_messages
 
@@ -441,3 +450,21 @@ async def test_healthz_and_errors_show_no_database_error_text(scratch_dsn: str) 
         assert (status, body) == (503, {"error": "database unavailable, try again", "detail": {"reason": "refused"}})
     for leak in ("127.0.0.1", "s3cret", "Errno", "Connect call failed", "/var/lib", "exploded"):
         assert leak not in text and leak not in json.dumps(body), leak
+
+
+async def test_the_pools_sessions_stay_for_the_pbx_across_releases_and_wait_for_its_name(scratch_dsn: str) -> None:
+    """asyncpg's pool runs RESET ALL on every release: the PBX (pbx_bridge.pbx) must survive it,
+    or a connection's second request would read another PBX (the scratch database's default)."""
+    naming = PbxNaming(scratch_dsn, None)
+    database = ApiDatabase(scratch_dsn, max_size=1, acquire_timeout=1, pbx=naming.require)
+    await database.open()
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="no name yet"):  # before the first AMI login
+            async with database.connection():
+                pass
+        naming.learn("site-b")  # the first AMI login: Asterisk's systemname names it
+        for _ in range(3):  # one connection (max_size 1), released and acquired again
+            async with database.connection() as conn:
+                assert await conn.fetchval("SELECT session_pbx()") == "site-b"
+    finally:
+        await database.close()
