@@ -86,8 +86,15 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
                   database: ApiDatabase, trunk: TrunkHealth,
                   reports: DailyReportScheduler, security: SecurityReporter,
                   reconciler: Reconciler, leadership: Leadership | AlwaysLeading,
-                  phones: PhoneWatch | None = None) -> dict[str, Component]:
+                  phones: PhoneWatch | None = None, pbx: PbxNaming | None = None) -> dict[str, Component]:
     """What /healthz reports: AMI and database are critical; the rest informs."""
+    async def pbx_check() -> tuple[bool, dict[str, Any]]:
+        # Which PBX this is (the name on its rows); not yet named: nothing is written until AMI says.
+        if pbx is None:
+            return True, {}
+        return pbx.name is not None, {"name": pbx.name, "system_name": pbx.system_name,
+                                      "from": "[pbx] name" if settings.pbx.name else "Asterisk's systemname"}
+
     async def phones_check() -> tuple[bool, dict[str, Any]]:
         if phones is None:
             return True, {"watched": False}
@@ -153,6 +160,7 @@ def health_checks(settings: Settings, ami: AmiClient, writer: CallWriter, publis
 
     return {
         "ami": ami_check,
+        "pbx": pbx_check,
         "leadership": leadership_check,
         "reconcile": reconcile_check,
         "phones": phones_check,
@@ -577,7 +585,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, pbx_lock: PbxLock) -> 
     api = create_app(ApiContext(
         metrics=metrics, live=live, database=api_database,
         health=health_checks(settings, ami, writer, publisher, api_database, trunk, reports, security,
-                              reconciler, leadership, phones),
+                              reconciler, leadership, phones, pbx),
         critical=frozenset({"ami", "database"}),
         tokens=settings.api.resolved_tokens(),
         mobile_pattern=settings.duty.mobile_pattern, on_roster_change=publisher.publish, probes=probes,

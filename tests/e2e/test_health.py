@@ -35,6 +35,9 @@ async def health_becomes(env: DevEnv, status: int, timeout: float) -> dict[str, 
 async def test_healthz_follows_ami_down_and_back(bridge: BridgeProcess, devenv: DevEnv) -> None:
     body = await health_becomes(devenv, 200, 10)
     assert body["components"]["ami"]["ok"] and body["components"]["routing_state"]["ok"]
+    # No [pbx] name in the sandbox's configuration: the rows are named after Asterisk's systemname.
+    assert body["components"]["pbx"] == {"ok": True, "name": "pbx", "system_name": "pbx",
+                                         "from": "Asterisk's systemname"}
     pid = int((STATE / "sandbox" / "pbx.pid").read_text())
     os.kill(pid, signal.SIGSTOP)
     try:
