@@ -317,11 +317,17 @@ REGISTERED_PHONES = ("agent101", "agent102", "agent103")  # world's reg-agent10x
 
 
 def wait_for_phones(root: Path, state: Path) -> None:
-    """The agents' phones register at the pbx just after boot: wait until every one has a contact."""
+    """The agents' phones register at the pbx just after boot: wait until every one has a contact
+    and world's registration of it (restarted with it, so fresh) is acknowledged. The contacts
+    alone are not enough: the pbx restores its contacts of the last run from its AstDB at boot,
+    and dialling them failed ("Could not create dialog ... Is endpoint registered") until the
+    phones had registered again."""
     deadline = time.monotonic() + 30
     while True:
         listing = cli(root, state, "pbx", "pjsip show contacts", timeout=10).stdout
-        missing = [p for p in REGISTERED_PHONES if f" {p}/sip:{p}@" not in listing]
+        registrations = cli(root, state, "world", "pjsip show registrations", timeout=10).stdout
+        missing = [p for p in REGISTERED_PHONES if f" {p}/sip:{p}@" not in listing
+                   or re.search(rf"reg-{p}/\S+\s+\S+\s+Registered\b", registrations) is None]
         if not missing:
             return
         if time.monotonic() > deadline:
