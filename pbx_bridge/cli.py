@@ -199,9 +199,7 @@ async def _pbx(settings: Settings, system_name: str | None = None, *, need_syste
         return PbxName(settings.pbx.name, system_name)
     if system_name is not None:
         return PbxName(name_for(settings.pbx.name, system_name), system_name)
-    learnt = await learn_pbx(settings, give_up_after=10)
-    assert learnt is not None  # no stop event: it returns or raises
-    return learnt
+    return await learn_pbx(settings, give_up_after=10)
 
 
 async def _connect(settings: Settings, pbx: PbxName | None) -> asyncpg.Connection:

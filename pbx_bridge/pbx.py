@@ -14,13 +14,13 @@ bare `1795466707.80`. That prefix is also how the CEL rows of one PBX are told f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 
-from pbx_bridge.aio import wait_set
 from pbx_bridge.ami.client import AmiClient, AmiError
 from pbx_bridge.config import Settings
 
@@ -120,10 +120,9 @@ async def read_system_name(ami: AmiClient) -> str:
     return str(response.get("SystemName") or "")
 
 
-async def ask_system_name(settings: Settings, stop: asyncio.Event | None = None,
-                          give_up_after: float | None = None) -> str | None:
-    """Log into AMI once to read the systemname, retrying (with the AMI client's backoff) until it
-    is read, `stop` is set (None) or `give_up_after` seconds passed (PbxNameError)."""
+async def ask_system_name(settings: Settings, give_up_after: float) -> str:
+    """Log into AMI once to read the systemname (the command line's way), retrying with the AMI
+    client's backoff for at most `give_up_after` seconds (then PbxNameError)."""
     learnt: list[str] = []
     failure: list[str] = []
 
@@ -139,29 +138,17 @@ async def ask_system_name(settings: Settings, stop: asyncio.Event | None = None,
         secret=settings.ami.resolved_secret().get_secret_value(), on_event=lambda _: None,
         connect_timeout=settings.ami.connect_timeout_seconds, reconnect_max=settings.ami.reconnect_max_seconds,
         on_session=on_session)
-    stopped = stop or asyncio.Event()
-    async with asyncio.TaskGroup() as tasks:
-        running = tasks.create_task(client.run())
-        waiting = tasks.create_task(stopped.wait() if give_up_after is None else wait_set(stopped, give_up_after))
-        await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        client.stop()
-        waiting.cancel()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(give_up_after):
+            await client.run()  # returns once on_session stopped it
+    client.stop()
     if learnt:
         return learnt[0]
-    if stopped.is_set():
-        return None
     reason = failure[0] if failure else f"AMI at {settings.ami.host}:{settings.ami.port} did not answer"
-    raise PbxNameError(f"cannot read Asterisk's systemname ({reason}) within {give_up_after} s")
+    raise PbxNameError(f"cannot read Asterisk's systemname ({reason}) within {give_up_after:g} s")
 
 
-async def learn_pbx(settings: Settings, stop: asyncio.Event | None = None,
-                    give_up_after: float | None = None) -> PbxName | None:
-    """This PBX's name and systemname, from the configuration and one AMI session (None: stopped)."""
-    system_name = await ask_system_name(settings, stop, give_up_after)
-    if system_name is None:
-        return None
-    name = name_for(settings.pbx.name, system_name)
-    if not settings.pbx.name and not system_name:
-        log.warning("pbx_unnamed", pbx=name, effect="its linkedids have no prefix: a second PBX in this "
-                    "database must have a systemname", fix="set systemname in asterisk.conf or [pbx] name")
-    return PbxName(name, system_name)
+async def learn_pbx(settings: Settings, give_up_after: float = 10.0) -> PbxName:
+    """This PBX's name and systemname, from the configuration and one AMI session."""
+    system_name = await ask_system_name(settings, give_up_after)
+    return PbxName(name_for(settings.pbx.name, system_name), system_name)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from pathlib import Path
+
 import pytest
 
-from pbx_bridge.pbx import DEFAULT_NAME, PbxNameError, PbxNaming, PbxNotNamedError, name_for, pbx_dsn
+from pbx_bridge.config import load_settings
+from pbx_bridge.pbx import (
+    DEFAULT_NAME,
+    PbxNameError,
+    PbxNaming,
+    PbxNotNamedError,
+    learn_pbx,
+    name_for,
+    pbx_dsn,
+)
 
 
 def test_the_configured_name_wins_then_the_systemname_then_default() -> None:
@@ -53,3 +66,16 @@ def test_a_configured_name_connects_at_once_and_the_login_adds_the_systemname() 
     assert naming.dsn().endswith("pbx_bridge.pbx=shanghai")  # no AMI needed to start writing
     naming.learn("")
     assert (naming.require(), naming.system_name) == ("shanghai", "")
+
+
+async def test_the_command_line_gives_up_on_an_unreachable_ami_with_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "pbx-bridge.toml"
+    config.write_text(f'[ami]\nport = {port}\nusername = "u"\nsecret = "s"\n[database]\n'
+                      'dsn = "postgresql://x@127.0.0.1/x"\n[hotline]\nnumbers = ["4008001234"]\n')
+    started = time.monotonic()
+    with pytest.raises(PbxNameError, match=rf"cannot read Asterisk's systemname .*127.0.0.1:{port}.* within 1 s"):
+        await learn_pbx(load_settings(config), give_up_after=1)
+    assert time.monotonic() - started < 3
