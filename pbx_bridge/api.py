@@ -49,7 +49,7 @@ from pbx_bridge.notes import (
     read_sheet,
     save_sheet,
 )
-from pbx_bridge.pbx import PbxNotNamedError, pbx_dsn
+from pbx_bridge.pbx import PbxNotNamedError
 from pbx_bridge.probes import ProbeRunner, RateLimitedError
 from pbx_bridge.storage.presence import (
     MAX_REASON,
@@ -130,11 +130,9 @@ class ApiDatabase:
     """The API's own bounded asyncpg pool: at most `max_size` connections, and a request waits at
     most `acquire_timeout` seconds for one (then 503). Opened and closed with the aiohttp app."""
 
-    def __init__(self, dsn: str, *, max_size: int = 4, acquire_timeout: float = 2.0,
-                 command_timeout: float = 10.0, application_name: str = "pbx-bridge-api",
-                 pbx: Callable[[], str] | None = None) -> None:
-        self._dsn = dsn
-        self._pbx = pbx  # the PBX its sessions are for (pbx_bridge.pbx), asked at each new connection
+    def __init__(self, dsn: str | Callable[[], str], *, max_size: int = 4, acquire_timeout: float = 2.0,
+                 command_timeout: float = 10.0, application_name: str = "pbx-bridge-api") -> None:
+        self._dsn = dsn  # or a function, asked at each new connection (the PBX's name may come later)
         self.max_size = max_size
         self.acquire_timeout = acquire_timeout
         self.command_timeout = command_timeout
@@ -151,10 +149,10 @@ class ApiDatabase:
             server_settings={"application_name": self.application_name}, connect=self._connect)
 
     async def _connect(self, *_: object, **options: Any) -> asyncpg.Connection:
-        """A new pool connection, its session for the PBX (a setting given at connection start: the
-        pool's RESET ALL on every release keeps it; PbxNotNamedError while the PBX has no name)."""
-        dsn = self._dsn if self._pbx is None else pbx_dsn(self._dsn, self._pbx())
-        conn: asyncpg.Connection = await asyncpg.connect(dsn, **options)
+        """A new pool connection from the DSN as it is now: a session setting in it (the PBX's) is
+        set at connection start, so the pool's RESET ALL on every release keeps it."""
+        conn: asyncpg.Connection = await asyncpg.connect(self._dsn() if callable(self._dsn) else self._dsn,
+                                                         **options)
         return conn
 
     async def close(self) -> None:

@@ -202,17 +202,17 @@ async def _pbx(settings: Settings, system_name: str | None = None, *, need_syste
     return await learn_pbx(settings, give_up_after=10)
 
 
-async def _connect(settings: Settings, pbx: PbxName | None) -> asyncpg.Connection:
-    """A database session, writing for `pbx` if given."""
+async def _connect(settings: Settings, pbx: str | None) -> asyncpg.Connection:
+    """A database session, writing for the PBX `pbx` if given."""
     dsn = settings.database.dsn.get_secret_value()
-    conn: asyncpg.Connection = await asyncpg.connect(dsn if pbx is None else pbx_dsn(dsn, pbx.name), timeout=10)
+    conn: asyncpg.Connection = await asyncpg.connect(dsn if pbx is None else pbx_dsn(dsn, pbx), timeout=10)
     return conn
 
 
 async def _migrate(settings: Settings) -> None:
     # Rows older than the `pbx` column are named after [pbx] name if set (else, by the migration,
     # after the systemname in their linkedids).
-    conn = await _connect(settings, PbxName(settings.pbx.name, None) if settings.pbx.name else None)
+    conn = await _connect(settings, settings.pbx.name)
     try:
         applied = await migrate(conn, sql_dir())
         await publish_settings(conn, settings)
@@ -277,7 +277,7 @@ async def _report(settings: Settings, day: date | None, fmt: str, email: bool, o
         return EXIT_CONFIG
     now = Clock.from_environment().now()
     day = day or default_day(now, settings.zone)
-    conn = await _connect(settings, PbxName(pbx_name, None) if pbx_name else await _pbx(settings))
+    conn = await _connect(settings, pbx_name or (await _pbx(settings)).name)
     try:
         report = await build_report(conn, day, generated_at=now,
                                     ring_limit_seconds=settings.ring.period_seconds * settings.ring.max_rings)
@@ -317,7 +317,7 @@ async def _reconcile(settings: Settings, since_text: str, until_text: str | None
         return EXIT_CONFIG
     pbx = await _pbx(settings, system_name, need_system_name=True)
     assert pbx.system_name is not None
-    conn = await _connect(settings, pbx)
+    conn = await _connect(settings, pbx.name)
     try:
         outcomes = await reconcile(conn, tracker_settings_for(settings), since, until, system_name=pbx.system_name,
                                    dry_run=dry_run)

@@ -496,7 +496,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, pbx_lock: PbxLock) -> 
     async def after_login(client: AmiClient) -> None:
         """After every login: publish the routing state, tell the tracker which channels exist
         (events may have been missed while disconnected), and read the trunk's qualify state."""
-        pbx.learn(await read_system_name(client))  # first: the name every row carries, and whose CEL is whose
+        system_name = await read_system_name(client)
+        pbx.learn(system_name)  # first: the name every row carries, and whose CEL rows are whose
         if publisher is not None and leadership.leading:  # first: callers ringing in now are routed by it
             await publisher.publish(announce=True)
         since = event_clock.now()
@@ -505,7 +506,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, pbx_lock: PbxLock) -> 
         queue.put_nowait(snapshot)
         synced_session[0] = client.sessions  # the tracker knows what the gap hid: ticks may resume
         log.info("channels_snapshot", channels=len(snapshot.uniqueids))
-        reconciler.after_login(snapshot.uniqueids, snapshot.at or datetime.now(UTC), pbx.system_name or "")
+        reconciler.after_login(snapshot.uniqueids, snapshot.at or datetime.now(UTC), system_name)  # ends the gap hid
         for linkedid in live.state.calls:  # in progress across the gap: AMI may have missed some of their events
             reconciler.rebuild(linkedid)
         await check_dialplan_key(client, settings, security)
@@ -580,8 +581,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, pbx_lock: PbxLock) -> 
     outputs = Outputs(writer, hangups, alerter, metrics, live, probes, trunk, security, reconciler.rebuild, leadership,
                       standby_records, desk,
                       publisher.note_answered, phones)
-    # The API's own small pool (requests never starve the writer), its sessions for this PBX too.
-    api_database = ApiDatabase(settings.database.dsn.get_secret_value(), pbx=pbx.require)
+    api_database = ApiDatabase(pbx.dsn)  # the API's own small pool: requests never starve the writer
     api = create_app(ApiContext(
         metrics=metrics, live=live, database=api_database,
         health=health_checks(settings, ami, writer, publisher, api_database, trunk, reports, security,

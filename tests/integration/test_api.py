@@ -456,7 +456,7 @@ async def test_the_pools_sessions_stay_for_the_pbx_across_releases_and_wait_for_
     """asyncpg's pool runs RESET ALL on every release: the PBX (pbx_bridge.pbx) must survive it,
     or a connection's second request would read another PBX (the scratch database's default)."""
     naming = PbxNaming(scratch_dsn, None)
-    database = ApiDatabase(scratch_dsn, max_size=1, acquire_timeout=1, pbx=naming.require)
+    database = ApiDatabase(naming.dsn, max_size=1, acquire_timeout=1)
     await database.open()
     try:
         with pytest.raises(DatabaseUnavailableError, match="no name yet"):  # before the first AMI login

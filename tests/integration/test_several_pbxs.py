@@ -32,7 +32,7 @@ from pbx_bridge.cel.builder import CEL_COLUMNS, CelRow, build_call
 from pbx_bridge.storage.migrations import MigrationError, discover, migrate, sql_dir
 from pbx_bridge.tracker.model import CallLeg, CallRecord
 from tests.conftest import scratch_database
-from tests.integration.test_views import VIEWS, add_outbound
+from tests.integration.test_views import VIEWS, add_outbound, rolled_back
 from tests.support.cel import cel_calls, cel_rows
 from tests.support.env import DevEnv
 from tests.support.seed import add_call, local
@@ -139,19 +139,6 @@ async def seed_pbx(conn: asyncpg.Connection, system_name: str, captures: Sequenc
 async def connect(dsn: str, pbx: str) -> asyncpg.Connection:
     """A session that writes for `pbx` ('' = one that has not said), as pbx-bridge opens them."""
     return await asyncpg.connect(dsn, server_settings={"pbx_bridge.pbx": pbx})
-
-
-@contextlib.asynccontextmanager
-async def rolled_back(dsn: str, pbx: str) -> AsyncIterator[asyncpg.Connection]:
-    """A session of `pbx` inside a transaction that is always rolled back."""
-    conn = await connect(dsn, pbx)
-    transaction = conn.transaction()
-    await transaction.start()
-    try:
-        yield conn
-    finally:
-        await transaction.rollback()
-        await conn.close()
 
 
 async def rows_of(conn: asyncpg.Connection, view: str, where: str = "true", *args: Any,

@@ -107,9 +107,10 @@ async def seed(conn: asyncpg.Connection) -> None:
 
 
 @contextlib.asynccontextmanager
-async def rolled_back(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection inside a transaction that is always rolled back (the module's data stays as seeded)."""
-    conn = await asyncpg.connect(dsn)
+async def rolled_back(dsn: str, pbx: str | None = None) -> AsyncIterator[asyncpg.Connection]:
+    """A connection inside a transaction that is always rolled back (the module's data stays as
+    seeded); with `pbx`, a session that writes for that PBX ('' = one that has not said)."""
+    conn = await asyncpg.connect(dsn, server_settings=None if pbx is None else {"pbx_bridge.pbx": pbx})
     transaction = conn.transaction()
     await transaction.start()
     try:
