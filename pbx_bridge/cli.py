@@ -16,7 +16,7 @@ import structlog
 from pbx_bridge import __version__
 from pbx_bridge.config import ConfigError, Settings, config_path, load_settings
 from pbx_bridge.logs import configure_logging
-from pbx_bridge.pbx import PbxName, PbxNameError, learn_pbx, name_for, pbx_dsn
+from pbx_bridge.pbx import NAME_PATTERN, PbxName, PbxNameError, learn_pbx, name_for, pbx_dsn
 from pbx_bridge.storage.migrations import MigrationError, migrate, sql_dir
 from pbx_bridge.storage.settings import publish_settings
 
@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--email", action="store_true",
                         help="mail it to [report] recipients instead ([report] format, the CSV attached)")
     report.add_argument("--output", metavar="FILE", help="write here instead of standard output")
-    report.add_argument("--pbx", metavar="NAME", help="the report of this PBX of the database (default: this "
-                        "configuration's, [pbx] name or else Asterisk's systemname, asked over AMI)")
+    report.add_argument("--pbx", metavar="NAME", type=_pbx_name,
+                        help="the report of this PBX of the database (default: this configuration's, "
+                             "[pbx] name or else Asterisk's systemname, asked over AMI)")
     reconcile = commands.add_parser(
         "reconcile", parents=[common],
         help="build or complete, from the cel table, the records of hotline calls in a range that lack a final one")
@@ -83,6 +84,13 @@ def _parse_moment(text: str, zone: tzinfo, now: datetime) -> datetime | None:
     except ValueError:
         return None
     return when.replace(tzinfo=zone) if when.tzinfo is None else when
+
+
+def _pbx_name(text: str) -> str:
+    """argparse type: a PBX's name as the tables allow it."""
+    if NAME_PATTERN.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a PBX name (1 to 64 of A-Z a-z 0-9 _ . : @ / -)")
+    return text
 
 
 def _iso_day(text: str) -> date:

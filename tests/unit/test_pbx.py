@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pbx_bridge.cli import main
 from pbx_bridge.config import load_settings
 from pbx_bridge.pbx import (
     DEFAULT_NAME,
@@ -79,3 +80,11 @@ async def test_the_command_line_gives_up_on_an_unreachable_ami_with_one_clear_er
     with pytest.raises(PbxNameError, match=rf"cannot read Asterisk's systemname .*127.0.0.1:{port}.* within 1 s"):
         await learn_pbx(load_settings(config), give_up_after=1)
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("name", ["site one", "", "x" * 65, "a'b", "站点"])
+def test_report_refuses_a_pbx_name_the_tables_could_not_hold(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--pbx", name])
+    assert exit_.value.code == 2
+    assert "is not a PBX name" in capsys.readouterr().err
